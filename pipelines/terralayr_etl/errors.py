@@ -1,0 +1,39 @@
+"""Project exceptions. Each message names the value that was wrong and what to do next;
+the CLI prints it as one line and exits non-zero."""
+
+
+class TerralayrError(Exception):
+    """Base class for errors a user can cause or fix."""
+
+
+class ConfigError(TerralayrError):
+    """A setting, a config file or an environment variable is missing or invalid."""
+
+
+class InvalidEntityIdError(TerralayrError):
+    """An id is not safe to use in a URL path, a file path or SQL."""
+
+
+class AuthenticationError(TerralayrError):
+    """The API rejected the credentials."""
+
+
+class ApiError(TerralayrError):
+    """The API answered with an error that retries did not resolve."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, url: str | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.url = url
+
+
+class RangeTooLargeError(ApiError):
+    """The API rejected a request because its time range is longer than it allows."""
+
+
+class MalformedResponseError(TerralayrError):
+    """A response body could not be parsed into data points."""
+
+
+class WarehouseLockedError(TerralayrError):
+    """Another process holds the warehouse."""
