@@ -1,0 +1,505 @@
+"""Turn data-point and revenue-bucket response bodies into Arrow tables of a fixed schema.
+
+msgspec decodes a body into typed Structs, so the shape is checked while the JSON is parsed.
+Timestamps stay strings during decoding and go to UTC in one vectorised Arrow cast, which
+accepts ``Z`` and explicit offsets and rejects a timestamp without one. Values go to float64
+in one Arrow call. Per-value Python runs only to pull fields out of the Structs and, when
+something is wrong, to name the offending value in the error.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from terralayr_etl.categories import CATEGORIES, unit_of
+from terralayr_etl.errors import MalformedResponseError
+
+logger = logging.getLogger(__name__)
+
+UTC_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+LONG_SCHEMA = pa.schema(
+    [
+        pa.field("entity_type", pa.string()),
+        pa.field("entity_id", pa.string()),
+        pa.field("resolution", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("period_start", UTC_TIMESTAMP),
+        pa.field("value", pa.float64()),
+        pa.field("unit", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("fetched_at", UTC_TIMESTAMP),
+        pa.field("endpoint", pa.string()),
+    ]
+)
+"""One row per entity, resolution, category and delivery period (period_start in UTC)."""
+
+BUCKET_SCHEMA = pa.schema(
+    [
+        pa.field("entity_id", pa.string()),
+        pa.field("product", pa.string()),
+        pa.field("bucket_start", UTC_TIMESTAMP),
+        pa.field("bucket_end", UTC_TIMESTAMP),
+        pa.field("revenue_eur", pa.float64()),
+        pa.field("currency", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("fetched_at", UTC_TIMESTAMP),
+        pa.field("endpoint", pa.string()),
+    ]
+)
+"""One row per virtual asset, revenue product and bucket (a Europe/Berlin delivery day)."""
+
+_EXCERPT_BYTES = 200
+_MAX_DUPLICATE_WARNINGS = 5
+# A numeric string must match the JSON number grammar, because float() alone would also
+# accept "nan", "infinity", "1_000" and surrounding whitespace.
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+class _Point(msgspec.Struct):
+    timestamp: str
+    value: float | str | None
+
+
+class _MetaData(msgspec.Struct):
+    data_point_name: str = msgspec.field(name="dataPointName")
+    unit: str | None = None
+
+
+class _DatapointsBody(msgspec.Struct):
+    data: dict[str, list[_Point]]
+    meta_data: list[_MetaData] | None = msgspec.field(default=None, name="metaData")
+    next_cursor: str | None = msgspec.field(default=None, name="nextCursor")
+
+
+class _Bucket(msgspec.Struct):
+    start: str
+    end: str
+    revenue: float | str | None
+    currency: str
+
+
+_DATAPOINTS_DECODER = msgspec.json.Decoder(_DatapointsBody)
+_BUCKETS_DECODER = msgspec.json.Decoder(list[_Bucket])
+
+
+@dataclass(frozen=True)
+class NormalisedPage:
+    """One data-point response as a table in LONG_SCHEMA, plus what the caller must report."""
+
+    table: pa.Table
+    categories: tuple[str, ...]
+    """Categories present under ``data``, in response order, known or not."""
+    unknown_categories: tuple[str, ...]
+    """Categories not in ``terralayr_etl.categories.CATEGORIES``. Their rows are kept."""
+    duplicate_instants: int
+    """Points dropped because a later point of the same category had the same UTC instant."""
+    next_cursor: str | None
+
+
+def normalise_datapoints(
+    body: bytes,
+    *,
+    entity_type: str,
+    entity_id: str,
+    resolution: str,
+    run_id: str,
+    fetched_at: datetime,
+    endpoint: str,
+) -> NormalisedPage:
+    """Parse a data-point response into a LONG_SCHEMA table.
+
+    A category absent from ``data`` yields no rows, and a null value stays null. Raises
+    MalformedResponseError for invalid JSON, a wrong shape, a timestamp without a UTC
+    offset, or a value that is not a finite number, a numeric string or null.
+
+    Example::
+
+        page = normalise_datapoints(raw.body, entity_type="virtual_asset", entity_id=va_id,
+                                    resolution="15min", run_id=run_id,
+                                    fetched_at=raw.fetched_at, endpoint=raw.endpoint)
+    """
+    _require_aware(fetched_at)
+    decoded = _decode(_DATAPOINTS_DECODER, body, endpoint, _describe_datapoints_problem)
+    categories = tuple(decoded.data)
+    lengths = [len(points) for points in decoded.data.values()]
+
+    timestamps: list[str] = []
+    values: list[float | str | None] = []
+    for points in decoded.data.values():
+        timestamps.extend([point.timestamp for point in points])
+        values.extend([point.value for point in points])
+    labels = _Labels("category", categories, lengths, timestamps, endpoint)
+
+    period_start = _parse_timestamps(timestamps, labels)
+    value = _parse_values(values, labels)
+    units = _units_by_category(decoded.meta_data, categories)
+    row_count = len(timestamps)
+    table = pa.Table.from_arrays(
+        [
+            pa.repeat(pa.scalar(entity_type, pa.string()), row_count),
+            pa.repeat(pa.scalar(entity_id, pa.string()), row_count),
+            pa.repeat(pa.scalar(resolution, pa.string()), row_count),
+            _repeat_each(categories, lengths),
+            period_start,
+            value,
+            _repeat_each([units[name] for name in categories], lengths),
+            pa.repeat(pa.scalar(run_id, pa.string()), row_count),
+            pa.repeat(pa.scalar(fetched_at, UTC_TIMESTAMP), row_count),
+            pa.repeat(pa.scalar(endpoint, pa.string()), row_count),
+        ],
+        schema=LONG_SCHEMA,
+    )
+
+    table, duplicates = _drop_earlier_duplicates(table, ["category", "period_start"], "period_start", endpoint)
+    unknown = tuple(name for name in categories if name not in CATEGORIES)
+    if unknown:
+        logger.info("Response from %s has categories not in the documented list: %s", endpoint, ", ".join(unknown))
+    return NormalisedPage(
+        table=table,
+        categories=categories,
+        unknown_categories=unknown,
+        duplicate_instants=duplicates,
+        next_cursor=decoded.next_cursor,
+    )
+
+
+def normalise_revenue_buckets(
+    body: bytes,
+    *,
+    virtual_asset_id: str,
+    product: str,
+    run_id: str,
+    fetched_at: datetime,
+    endpoint: str,
+) -> pa.Table:
+    """Parse a revenue-bucket response (a bare array of daily buckets) into a BUCKET_SCHEMA table.
+
+    Raises MalformedResponseError for invalid JSON, a wrong shape, a timestamp without a UTC
+    offset, a bucket whose end is not after its start, or a currency other than EUR, because
+    ``revenue_eur`` stores amounts in EUR only. Of two buckets with the same start, the later one is kept.
+    """
+    _require_aware(fetched_at)
+    buckets = _decode(_BUCKETS_DECODER, body, endpoint, _describe_buckets_problem)
+    starts = [bucket.start for bucket in buckets]
+    ends = [bucket.end for bucket in buckets]
+    revenues = [bucket.revenue for bucket in buckets]
+    currencies = pa.array([bucket.currency for bucket in buckets], pa.string())
+    labels = _Labels("product", (product,), [len(buckets)], starts, endpoint)
+
+    bucket_start = _parse_timestamps(starts, labels)
+    bucket_end = _parse_timestamps(ends, _Labels("product", (product,), [len(buckets)], ends, endpoint))
+    _check_currencies(currencies, starts, endpoint)
+    _check_bucket_order(bucket_start, bucket_end, starts, endpoint)
+    revenue_eur = _parse_values(revenues, labels)
+
+    row_count = len(buckets)
+    table = pa.Table.from_arrays(
+        [
+            pa.repeat(pa.scalar(virtual_asset_id, pa.string()), row_count),
+            pa.repeat(pa.scalar(product, pa.string()), row_count),
+            bucket_start,
+            bucket_end,
+            revenue_eur,
+            currencies,
+            pa.repeat(pa.scalar(run_id, pa.string()), row_count),
+            pa.repeat(pa.scalar(fetched_at, UTC_TIMESTAMP), row_count),
+            pa.repeat(pa.scalar(endpoint, pa.string()), row_count),
+        ],
+        schema=BUCKET_SCHEMA,
+    )
+    table, _ = _drop_earlier_duplicates(table, ["bucket_start"], "bucket_start", endpoint)
+    return table
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """Maps a flat row index back to its series and timestamp, for error messages.
+
+    ``names[i]`` labels the next ``lengths[i]`` rows. ``noun`` is the kind of name
+    ("category" for data points, "product" for revenue buckets).
+    """
+
+    noun: str
+    names: tuple[str, ...]
+    lengths: list[int]
+    timestamps: list[str]
+    endpoint: str
+
+    def series_of(self, index: int) -> str:
+        offsets = list(itertools.accumulate(self.lengths))
+        return f"{self.noun} {self.names[bisect.bisect_right(offsets, index)]}"
+
+
+def _require_aware(fetched_at: datetime) -> None:
+    if fetched_at.tzinfo is None:
+        raise ValueError(f"fetched_at {fetched_at.isoformat()} has no time zone; pass a UTC datetime")
+
+
+def _decode(decoder: msgspec.json.Decoder, body: bytes, endpoint: str, describe: Any) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        # msgspec.ValidationError subclasses DecodeError, so the shape case goes first.
+        if isinstance(exc, msgspec.ValidationError):
+            problem = _describe_shape_problem(body, describe) or str(exc)
+        else:
+            problem = f"the body is not valid JSON ({exc})"
+        raise MalformedResponseError(
+            f"malformed response from {endpoint}: {problem}; the body starts with {_excerpt(body)!r}"
+        ) from None
+
+
+def _describe_shape_problem(body: bytes, describe: Any) -> str | None:
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        # A number beyond the float64 range fails even the untyped decode.
+        return str(exc)
+    return describe(document)
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[:_EXCERPT_BYTES].decode("utf-8", errors="replace")
+    return text + ("..." if len(body) > _EXCERPT_BYTES else "")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    return "number"
+
+
+def _json_text(value: object) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _describe_datapoints_problem(document: object) -> str | None:
+    """Name the first shape problem in a generically decoded data-point body."""
+    if not isinstance(document, dict):
+        return f"the body is a JSON {_json_type(document)}, expected an object with a 'data' key"
+    if "data" not in document:
+        return "the key 'data' is missing"
+    data = document["data"]
+    if not isinstance(data, dict):
+        return f"'data' is a JSON {_json_type(data)}, expected an object that maps categories to point lists"
+
+    for category, points in data.items():
+        if not isinstance(points, list):
+            return f"the points of category {category} are a JSON {_json_type(points)}, expected an array"
+        for index, point in enumerate(points):
+            problem = _describe_point_problem(point, f"point {index} of category {category}")
+            if problem:
+                return problem
+
+    meta_data = document.get("metaData")
+    if meta_data is not None:
+        if not isinstance(meta_data, list):
+            return f"'metaData' is a JSON {_json_type(meta_data)}, expected an array"
+        for index, entry in enumerate(meta_data):
+            if not isinstance(entry, dict) or not isinstance(entry.get("dataPointName"), str):
+                return f"metaData entry {index} ({_json_text(entry)}) has no string 'dataPointName'"
+            if entry.get("unit") is not None and not isinstance(entry["unit"], str):
+                return f"the unit {_json_text(entry['unit'])} of metaData entry {index} is not a string"
+    cursor = document.get("nextCursor")
+    if cursor is not None and not isinstance(cursor, str):
+        return f"'nextCursor' is a JSON {_json_type(cursor)}, expected a string or null"
+    return None
+
+
+def _describe_point_problem(point: object, where: str) -> str | None:
+    if not isinstance(point, dict):
+        return f"{where} is a JSON {_json_type(point)}, expected an object"
+    for key in ("timestamp", "value"):
+        if key not in point:
+            return f"{where} has no '{key}' key"
+    timestamp = point["timestamp"]
+    if not isinstance(timestamp, str):
+        return f"the timestamp {_json_text(timestamp)} of {where} is a JSON {_json_type(timestamp)}, expected a string"
+    value = point["value"]
+    if _json_type(value) not in ("number", "string", "null"):
+        return f"the value {_json_text(value)} of {where} at {timestamp} is a JSON {_json_type(value)}, expected a number or null"
+    return None
+
+
+def _describe_buckets_problem(document: object) -> str | None:
+    """Name the first shape problem in a generically decoded revenue-bucket body."""
+    if not isinstance(document, list):
+        return f"the body is a JSON {_json_type(document)}, expected an array of buckets"
+    for index, bucket in enumerate(document):
+        where = f"bucket {index}"
+        if not isinstance(bucket, dict):
+            return f"{where} is a JSON {_json_type(bucket)}, expected an object"
+        for key in ("start", "end", "revenue", "currency"):
+            if key not in bucket:
+                return f"{where} has no '{key}' key"
+        for key in ("start", "end", "currency"):
+            if not isinstance(bucket[key], str):
+                return f"the {key} {_json_text(bucket[key])} of {where} is a JSON {_json_type(bucket[key])}, expected a string"
+        if _json_type(bucket["revenue"]) not in ("number", "string", "null"):
+            return f"the revenue {_json_text(bucket['revenue'])} of {where} is not a number or null"
+    return None
+
+
+def _parse_timestamps(timestamps: list[str], labels: _Labels) -> pa.Array:
+    """Convert RFC 3339 strings with ``Z`` or an offset to UTC microsecond timestamps."""
+    strings = pa.array(timestamps, pa.string())
+    try:
+        return pc.cast(strings, UTC_TIMESTAMP)
+    except pa.ArrowInvalid:
+        index, text = _first_unparsable_timestamp(strings)
+        series = labels.series_of(index)
+        try:
+            pc.cast(pa.array([text], pa.string()), pa.timestamp("us"))
+        except pa.ArrowInvalid:
+            problem = "is not a valid RFC 3339 timestamp"
+        else:
+            problem = "has no UTC offset, so its instant is ambiguous"
+        raise MalformedResponseError(
+            f"the timestamp {text!r} of {series} in the response from {labels.endpoint} {problem}; "
+            "the API must send RFC 3339 timestamps with 'Z' or an offset such as '+02:00'"
+        ) from None
+
+
+def _first_unparsable_timestamp(strings: pa.Array) -> tuple[int, str]:
+    for index, text in enumerate(strings.to_pylist()):
+        try:
+            pc.cast(pa.array([text], pa.string()), UTC_TIMESTAMP)
+        except pa.ArrowInvalid:
+            return index, text
+    raise AssertionError("Arrow rejected the timestamps as a whole but accepted each one")
+
+
+def _parse_values(values: list[float | str | None], labels: _Labels) -> pa.Array:
+    """Convert numbers, numeric strings and nulls to float64, and reject non-finite values."""
+    try:
+        array = pa.array(values, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Only a numeric string gets here; msgspec already rejected every other type.
+        array = pa.array([_parse_numeric_string(value, index, labels) for index, value in enumerate(values)], pa.float64())
+
+    non_finite = pc.fill_null(pc.invert(pc.is_finite(array)), False)
+    if pc.any(non_finite).as_py():
+        index = pc.indices_nonzero(non_finite)[0].as_py()
+        raise _value_error(values[index], index, labels, "is not a finite number")
+    return array
+
+
+def _parse_numeric_string(value: float | str | None, index: int, labels: _Labels) -> float | None:
+    if not isinstance(value, str):
+        return value
+    if not _JSON_NUMBER.fullmatch(value):
+        raise _value_error(value, index, labels, "is not a number")
+    return float(value)
+
+
+def _value_error(value: object, index: int, labels: _Labels, problem: str) -> MalformedResponseError:
+    return MalformedResponseError(
+        f"the value {value!r} of {labels.series_of(index)} at {labels.timestamps[index]} "
+        f"in the response from {labels.endpoint} {problem}; values must be finite numbers, numeric strings or null"
+    )
+
+
+def _units_by_category(meta_data: list[_MetaData] | None, categories: tuple[str, ...]) -> dict[str, str | None]:
+    """Take each category's unit from metaData, else from the documented categories, else None."""
+    units: dict[str, str | None] = {name: unit_of(name) for name in categories}
+    for entry in meta_data or ():
+        if entry.unit is not None and entry.data_point_name in units:
+            units[entry.data_point_name] = entry.unit
+    return units
+
+
+def _repeat_each(labels: list[str | None] | tuple[str, ...], lengths: list[int]) -> pa.Array:
+    """Repeat each label by the matching length and concatenate the results."""
+    if not labels:
+        return pa.array([], pa.string())
+    return pa.concat_arrays(
+        [pa.repeat(pa.scalar(label, pa.string()), length) for label, length in zip(labels, lengths, strict=True)]
+    )
+
+
+def _drop_earlier_duplicates(
+    table: pa.Table, key: list[str], instant_column: str, endpoint: str
+) -> tuple[pa.Table, int]:
+    """Keep the last row of each key in list order, log the dropped ones and count them."""
+    if _strictly_increasing_per_series(table, key, instant_column):
+        return table, 0
+
+    frame = pl.from_arrow(table)
+    if frame.select(pl.struct(key).is_unique().all()).item():
+        return table, 0
+
+    frame = frame.with_row_index("_row")
+    is_last = pl.col("_row") == pl.col("_row").max().over(key)
+    dropped = frame.filter(~is_last)
+    for row in dropped.head(_MAX_DUPLICATE_WARNINGS).iter_rows(named=True):
+        where = f"category {row['category']}" if "category" in row else f"virtual asset {row['entity_id']}"
+        logger.warning(
+            "Response from %s has two points of %s at %s; keeping the later one in the list",
+            endpoint,
+            where,
+            row[instant_column].isoformat(),
+        )
+    if dropped.height > _MAX_DUPLICATE_WARNINGS:
+        logger.warning("Response from %s has %d duplicate instants in total", endpoint, dropped.height)
+
+    kept = frame.filter(is_last).drop("_row").to_arrow().cast(table.schema)
+    return kept, dropped.height
+
+
+def _strictly_increasing_per_series(table: pa.Table, key: list[str], instant_column: str) -> bool:
+    """Return True when instants rise strictly within each series, which rules out duplicates.
+
+    Each series must be contiguous, which is true within one response because the keys of
+    ``data`` are unique. Rising instants are the common case and cost a few vectorised
+    comparisons. When this returns False, the caller runs the full duplicate check.
+    """
+    if table.num_rows < 2:
+        return True
+    instants = table[instant_column].combine_chunks()
+    rising = pc.greater(instants.slice(1), instants.slice(0, len(instants) - 1))
+    series_columns = [name for name in key if name != instant_column]
+    for name in series_columns:
+        column = table[name].combine_chunks()
+        # A new series starts where the series column changes, and any order is fine there.
+        rising = pc.or_(rising, pc.not_equal(column.slice(1), column.slice(0, len(column) - 1)))
+    return bool(pc.all(pc.fill_null(rising, False)).as_py())
+
+
+def _check_currencies(currencies: pa.Array, starts: list[str], endpoint: str) -> None:
+    other = pc.fill_null(pc.not_equal(currencies, "EUR"), True)
+    if pc.any(other).as_py():
+        index = pc.indices_nonzero(other)[0].as_py()
+        raise MalformedResponseError(
+            f"the bucket starting {starts[index]} in the response from {endpoint} has currency "
+            f"{currencies[index].as_py()!r}; only EUR is supported, because revenue is stored as revenue_eur"
+        )
+
+
+def _check_bucket_order(bucket_start: pa.Array, bucket_end: pa.Array, starts: list[str], endpoint: str) -> None:
+    reversed_bucket = pc.less_equal(bucket_end, bucket_start)
+    if pc.any(reversed_bucket).as_py():
+        index = pc.indices_nonzero(reversed_bucket)[0].as_py()
+        raise MalformedResponseError(
+            f"the bucket starting {starts[index]} in the response from {endpoint} ends at "
+            f"{bucket_end[index].as_py().isoformat()}, not after its start"
+        )
