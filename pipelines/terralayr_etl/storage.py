@@ -1,0 +1,240 @@
+"""Hive-partitioned Parquet dataset of data points and revenue buckets, written atomically.
+
+Layout under ``<data_dir>/parquet/``::
+
+    datapoints/resolution=<r>/entity_type=<t>/month=<YYYY-MM>/<entity_id>.parquet
+    revenue_buckets/product=<p>/month=<YYYY-MM>/<virtual_asset_id>.parquet
+
+``month`` is the month of the Europe/Berlin delivery day that contains ``period_start`` (or
+``bucket_start``). Partition columns are not stored inside the files, so hive-aware readers
+(DuckDB ``read_parquet(..., hive_partitioning=true)``, ``polars.scan_parquet(...,
+hive_partitioning=True)``, ``pyarrow.dataset.dataset(..., partitioning="hive")``) add them.
+
+A write merges its rows into the existing month file, replacing rows with the same key, then
+writes a hidden temp file in the same folder, fsyncs it and renames it over the old file. A
+reader sees the old file or the new one, never a partial file, and a re-run adds no
+duplicates. Temp names start with ``.`` and do not end in ``.parquet``, so the readers above
+skip them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from terralayr_etl.config import ENTITY_TYPES, RESOLUTIONS
+from terralayr_etl.errors import InvalidEntityIdError, TerralayrError
+from terralayr_etl.ids import validate_entity_id
+from terralayr_etl.normalise import BUCKET_SCHEMA, LONG_SCHEMA
+from terralayr_etl.timeutil import LOCAL_TZ
+
+logger = logging.getLogger(__name__)
+
+PARQUET_COMPRESSION = "zstd"
+TEMP_MARKER = ".tmp-"
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """Folder layout, file schema and row key of one stored table."""
+
+    name: str
+    schema: pa.Schema
+    partition_columns: tuple[str, ...]
+    """Hive folder levels above ``month``, outermost first. They are not stored in the files."""
+    instant_column: str
+    """The UTC instant whose Europe/Berlin delivery day picks the month folder."""
+    key: tuple[str, ...]
+    """Columns inside a file that identify a row. A new row replaces a stored row with the same key."""
+
+    @property
+    def file_schema(self) -> pa.Schema:
+        names = [name for name in self.schema.names if name not in self.partition_columns]
+        return pa.schema([self.schema.field(name) for name in names])
+
+
+_DATAPOINTS = _Dataset(
+    name="datapoints",
+    schema=LONG_SCHEMA,
+    partition_columns=("resolution", "entity_type"),
+    instant_column="period_start",
+    key=("entity_id", "category", "period_start"),
+)
+_REVENUE_BUCKETS = _Dataset(
+    name="revenue_buckets",
+    schema=BUCKET_SCHEMA,
+    partition_columns=("product",),
+    instant_column="bucket_start",
+    key=("entity_id", "bucket_start"),
+)
+
+# One lock per target file, shared by every ParquetStore in this process, so that threads
+# writing windows of the same entity and month merge one after another.
+_FILE_LOCKS: dict[Path, threading.Lock] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(path: Path) -> threading.Lock:
+    with _FILE_LOCKS_GUARD:
+        return _FILE_LOCKS.setdefault(path, threading.Lock())
+
+
+class ParquetStore:
+    """The Parquet dataset under ``<data_dir>/parquet``.
+
+    Example::
+
+        store = ParquetStore(Path("data"))
+        store.clean_temp_files()
+        files = store.write_datapoints(page.table)
+    """
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir).resolve()
+        self.root = self.data_dir / "parquet"
+
+    def write_datapoints(self, table: pa.Table | pl.DataFrame) -> list[Path]:
+        """Merge LONG_SCHEMA rows into their month files and return the files written.
+
+        A row replaces a stored row with the same entity type, entity id, resolution,
+        category and period_start. Other stored rows are kept.
+        """
+        return self._write(_DATAPOINTS, table)
+
+    def write_revenue_buckets(self, table: pa.Table | pl.DataFrame) -> list[Path]:
+        """Merge BUCKET_SCHEMA rows into their month files and return the files written.
+
+        A row replaces a stored row with the same virtual asset, product and bucket_start.
+        """
+        return self._write(_REVENUE_BUCKETS, table)
+
+    def clean_temp_files(self) -> int:
+        """Delete temp files left by a killed run and return how many were deleted.
+
+        Call this at startup, before any write. A temp file of a write still running in
+        this or another process would be deleted too.
+        """
+        if not self.root.exists():
+            return 0
+        removed = 0
+        for path in self.root.rglob(f".*{TEMP_MARKER}*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            logger.info("Deleted %d temp files left by an earlier run under %s", removed, self.root)
+        return removed
+
+    def _write(self, dataset: _Dataset, table: pa.Table | pl.DataFrame) -> list[Path]:
+        frame = pl.from_arrow(_conform(table, dataset.schema))
+        if frame.height == 0:
+            return []
+        if frame[dataset.instant_column].null_count():
+            raise ValueError(f"{dataset.instant_column} has nulls; every stored row needs its UTC instant")
+        month = pl.col(dataset.instant_column).dt.convert_time_zone(LOCAL_TZ.key).dt.strftime("%Y-%m")
+        frame = frame.with_columns(month.alias("month"))
+
+        group_columns = [*dataset.partition_columns, "month", "entity_id"]
+        written = []
+        for group_key, rows in frame.partition_by(group_columns, as_dict=True, maintain_order=True).items():
+            values = dict(zip(group_columns, group_key, strict=True))
+            path = self._file_path(dataset, values)
+            with _lock_for(path):
+                self._merge_into(dataset, path, rows.drop([*dataset.partition_columns, "month"]))
+            written.append(path)
+        return written
+
+    def _file_path(self, dataset: _Dataset, values: dict[str, str]) -> Path:
+        """Build the file path for one group of rows, validating every id and the final location."""
+        folder = self.root / dataset.name
+        for column in dataset.partition_columns:
+            folder = folder / f"{column}={_validate_partition_value(column, values[column])}"
+        entity_id = validate_entity_id(values["entity_id"])
+        path = folder / f"month={values['month']}" / f"{entity_id}.parquet"
+
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.data_dir):
+            raise InvalidEntityIdError(
+                f"the Parquet path {resolved} for entity id {entity_id!r} is outside the data dir {self.data_dir}; "
+                "check the data dir for symbolic links"
+            )
+        return resolved
+
+    def _merge_into(self, dataset: _Dataset, path: Path, new_rows: pl.DataFrame) -> None:
+        key = list(dataset.key)
+        new_rows = new_rows.unique(subset=key, keep="last", maintain_order=True)
+        merged = new_rows
+        replaced = 0
+        if path.exists():
+            stored = pl.from_arrow(pq.read_table(path).cast(dataset.file_schema))
+            kept = stored.join(new_rows.select(key), on=key, how="anti")
+            replaced = stored.height - kept.height
+            merged = pl.concat([kept, new_rows.select(kept.columns)])
+
+        merged = merged.sort(key)
+        _write_atomically(merged.to_arrow().select(dataset.file_schema.names).cast(dataset.file_schema), path)
+        logger.debug("Wrote %d rows to %s (%d new, %d replaced)", merged.height, path, new_rows.height - replaced, replaced)
+
+
+def _conform(table: pa.Table | pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    """Return the table's columns in schema order, cast to the schema's types."""
+    arrow = table.to_arrow() if isinstance(table, pl.DataFrame) else table
+    missing = [name for name in schema.names if name not in arrow.column_names]
+    if missing:
+        raise ValueError(f"table lacks the columns {missing}; build it with terralayr_etl.normalise")
+    return arrow.select(schema.names).cast(schema)
+
+
+def _validate_partition_value(column: str, value: object) -> str:
+    allowed: Sequence[str] | None = {"resolution": RESOLUTIONS, "entity_type": ENTITY_TYPES}.get(column)
+    if allowed is None:
+        return validate_entity_id(value, what=column)
+    if value not in allowed:
+        raise InvalidEntityIdError(f"invalid {column} {value!r}; use one of {list(allowed)}")
+    return str(value)
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to a temp file beside ``path``, fsync it and rename it over ``path``.
+
+    On any failure the temp file is deleted and the old file, if any, stays as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_path = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex}")
+    try:
+        with temp_path.open("wb") as handle:
+            pq.write_table(table, handle, compression=PARQUET_COMPRESSION)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, path)
+    except OSError as exc:
+        temp_path.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise TerralayrError(
+                f"no space left on the device while writing {path}; free disk space there and rerun "
+                "(the previous file is unchanged)"
+            ) from exc
+        raise
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Persist the rename itself, which lives in the folder's entry list."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

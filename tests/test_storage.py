@@ -1,0 +1,342 @@
+"""Tests for terralayr_etl.storage against real Parquet files in a temp folder."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from terralayr_etl import storage
+from terralayr_etl.errors import InvalidEntityIdError, TerralayrError
+from terralayr_etl.normalise import BUCKET_SCHEMA, LONG_SCHEMA
+from terralayr_etl.storage import ParquetStore
+
+FETCHED_AT = datetime(2025, 11, 1, 3, 0, tzinfo=UTC)
+VA_ID = "38421b10-96fe-569f-8d56-bff0ee2dc95b"
+OTHER_VA_ID = "9e16f4da-6d4c-5454-a2d4-0e45c049d6f7"
+
+
+def _datapoints(
+    start: datetime,
+    count: int,
+    *,
+    entity_id: str = VA_ID,
+    categories: tuple[str, ...] = ("revenue_wholesale",),
+    value_offset: float = 0.0,
+    run_id: str = "run-1",
+) -> pa.Table:
+    rows = []
+    for category in categories:
+        for index in range(count):
+            rows.append(
+                {
+                    "entity_type": "virtual_asset",
+                    "entity_id": entity_id,
+                    "resolution": "15min",
+                    "category": category,
+                    "period_start": start + timedelta(minutes=15 * index),
+                    "value": float(index) + value_offset,
+                    "unit": "EUR",
+                    "run_id": run_id,
+                    "fetched_at": FETCHED_AT,
+                    "endpoint": "/datapoints",
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=LONG_SCHEMA)
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+
+
+def test_store_layout_uses_berlin_month(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    # 22:45Z on 31 Oct is 23:45 in Berlin (October); 23:00Z is midnight of 1 November.
+    table = _datapoints(datetime(2025, 10, 31, 22, 45, tzinfo=UTC), 2)
+
+    written = store.write_datapoints(table)
+
+    expected = [
+        f"parquet/datapoints/resolution=15min/entity_type=virtual_asset/month=2025-10/{VA_ID}.parquet",
+        f"parquet/datapoints/resolution=15min/entity_type=virtual_asset/month=2025-11/{VA_ID}.parquet",
+    ]
+    assert _files_under(tmp_path) == expected
+    assert sorted(str(path.relative_to(tmp_path)) for path in written) == expected
+
+
+def test_store_files_omit_partition_columns(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+
+    (path,) = store.write_datapoints(_datapoints(datetime(2025, 1, 1, tzinfo=UTC), 3))
+
+    schema = pq.read_schema(path)
+    assert "resolution" not in schema.names
+    assert "entity_type" not in schema.names
+    assert "month" not in schema.names
+    assert schema.field("period_start").type == pa.timestamp("us", tz="UTC")
+    assert schema.field("value").type == pa.float64()
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_store_casts_polars_frame_to_long_schema(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    frame = pl.from_arrow(_datapoints(datetime(2025, 1, 1, tzinfo=UTC), 2)).with_columns(
+        pl.col("value").cast(pl.Int64), pl.col("period_start").dt.cast_time_unit("ns")
+    )
+
+    (path,) = store.write_datapoints(frame)
+
+    schema = pq.read_schema(path)
+    assert schema.field("value").type == pa.float64()
+    assert schema.field("period_start").type == pa.timestamp("us", tz="UTC")
+
+
+def test_store_merge_replaces_values_without_duplicates(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    day = datetime(2025, 1, 1, tzinfo=UTC)
+    store.write_datapoints(_datapoints(day, 8))
+
+    # A re-run over the last 4 periods with corrected values, plus 4 new periods.
+    (path,) = store.write_datapoints(_datapoints(day + timedelta(hours=1), 8, value_offset=100.0, run_id="run-2"))
+
+    rows = pq.read_table(path).to_pylist()
+    assert len(rows) == 12
+    assert len({row["period_start"] for row in rows}) == 12
+    by_start = {row["period_start"]: row for row in rows}
+    assert by_start[day]["value"] == 0.0
+    assert by_start[day]["run_id"] == "run-1"
+    assert by_start[day + timedelta(hours=1)]["value"] == 100.0
+    assert by_start[day + timedelta(hours=1)]["run_id"] == "run-2"
+
+
+def test_store_rerun_keeps_row_count(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    table = _datapoints(datetime(2025, 1, 1, tzinfo=UTC), 96, categories=("revenue_wholesale", "revenue_fcr"))
+
+    (path,) = store.write_datapoints(table)
+    store.write_datapoints(table)
+
+    assert pq.read_metadata(path).num_rows == 192
+
+
+def test_store_write_leaves_no_temp_file(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+
+    (path,) = store.write_datapoints(_datapoints(datetime(2025, 1, 1, tzinfo=UTC), 4))
+    store.write_datapoints(_datapoints(datetime(2025, 1, 1, 1, tzinfo=UTC), 4))
+
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_store_failure_before_replace_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    store = ParquetStore(tmp_path)
+    day = datetime(2025, 1, 1, tzinfo=UTC)
+    (path,) = store.write_datapoints(_datapoints(day, 4))
+    before = path.read_bytes()
+
+    def fail_replace(source: object, target: object) -> None:
+        raise RuntimeError("killed between write and replace")
+
+    monkeypatch.setattr(storage.os, "replace", fail_replace)
+    with pytest.raises(RuntimeError, match="killed"):
+        store.write_datapoints(_datapoints(day, 4, value_offset=50.0))
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_store_full_disk_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    store = ParquetStore(tmp_path)
+    day = datetime(2025, 1, 1, tzinfo=UTC)
+    (path,) = store.write_datapoints(_datapoints(day, 4))
+    before = path.read_bytes()
+
+    def full_disk(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "fsync", full_disk)
+    with pytest.raises(TerralayrError) as caught:
+        store.write_datapoints(_datapoints(day, 4, value_offset=50.0))
+
+    assert str(path) in str(caught.value)
+    assert "free disk space" in str(caught.value)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_store_clean_temp_files_removes_leftovers(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    (path,) = store.write_datapoints(_datapoints(datetime(2025, 1, 1, tzinfo=UTC), 4))
+    leftover = path.with_name(f".{path.name}.tmp-0123abcd")
+    leftover.write_bytes(b"half a file")
+
+    removed = store.clean_temp_files()
+
+    assert removed == 1
+    assert not leftover.exists()
+    assert path.exists()
+
+
+def test_store_rejects_unsafe_entity_id(tmp_path: Path):
+    data_dir = tmp_path / "data"
+    store = ParquetStore(data_dir)
+    table = _datapoints(datetime(2025, 1, 1, tzinfo=UTC), 2, entity_id="../x")
+
+    with pytest.raises(InvalidEntityIdError, match=r"'\.\./x'"):
+        store.write_datapoints(table)
+
+    assert _files_under(tmp_path) == []
+
+
+def test_store_rejects_path_leaving_data_dir_by_symlink(tmp_path: Path):
+    data_dir = tmp_path / "data"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (data_dir / "parquet").mkdir(parents=True)
+    (data_dir / "parquet" / "datapoints").symlink_to(outside, target_is_directory=True)
+    store = ParquetStore(data_dir)
+
+    with pytest.raises(InvalidEntityIdError, match="outside the data dir"):
+        store.write_datapoints(_datapoints(datetime(2025, 1, 1, tzinfo=UTC), 2))
+
+    assert _files_under(outside) == []
+
+
+def test_store_rejects_unknown_resolution(tmp_path: Path):
+    table = _datapoints(datetime(2025, 1, 1, tzinfo=UTC), 2).set_column(
+        2, "resolution", pa.array(["weekly", "weekly"], pa.string())
+    )
+
+    with pytest.raises(InvalidEntityIdError, match="invalid resolution 'weekly'"):
+        ParquetStore(tmp_path).write_datapoints(table)
+
+
+def test_store_parallel_writers_keep_all_rows(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    day = datetime(2025, 1, 1, tzinfo=UTC)
+    windows = [_datapoints(day + timedelta(hours=6 * i), 24) for i in range(8)]
+    errors: list[BaseException] = []
+
+    def write(table: pa.Table) -> None:
+        try:
+            store.write_datapoints(table)
+        except BaseException as exc:  # collected so the main thread can fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(window,)) for window in windows]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    (path,) = list((tmp_path / "parquet").rglob("*.parquet"))
+    assert pq.read_metadata(path).num_rows == 8 * 24
+
+
+def _write_two_entities_two_months(tmp_path: Path) -> Path:
+    store = ParquetStore(tmp_path)
+    store.write_datapoints(_datapoints(datetime(2025, 10, 31, 22, 0, tzinfo=UTC), 8))
+    store.write_datapoints(_datapoints(datetime(2025, 10, 31, 22, 0, tzinfo=UTC), 8, entity_id=OTHER_VA_ID))
+    store.clean_temp_files()
+    # A leftover temp file must not confuse any reader.
+    month_folder = next((tmp_path / "parquet").rglob("month=2025-11"))
+    (month_folder / f".{VA_ID}.parquet.tmp-deadbeef").write_bytes(b"partial")
+    return tmp_path / "parquet" / "datapoints"
+
+
+def test_store_dataset_reads_with_duckdb(tmp_path: Path):
+    root = _write_two_entities_two_months(tmp_path)
+
+    rows = duckdb.sql(
+        f"""
+        select resolution, entity_type, month, count(*) as row_count, count(distinct entity_id) as entities
+        from read_parquet('{root}/**/*.parquet', hive_partitioning = true)
+        group by all
+        order by month
+        """
+    ).fetchall()
+
+    assert rows == [("15min", "virtual_asset", "2025-10", 8, 2), ("15min", "virtual_asset", "2025-11", 8, 2)]
+
+
+def test_store_dataset_reads_with_polars(tmp_path: Path):
+    root = _write_two_entities_two_months(tmp_path)
+
+    frame = pl.scan_parquet(root / "**" / "*.parquet", hive_partitioning=True).collect()
+
+    assert frame.height == 16
+    assert set(frame["resolution"].to_list()) == {"15min"}
+    assert set(frame["entity_type"].to_list()) == {"virtual_asset"}
+    assert sorted(set(frame["month"].cast(pl.String).to_list())) == ["2025-10", "2025-11"]
+    assert frame.schema["period_start"] == pl.Datetime("us", "UTC")
+
+
+def test_store_dataset_reads_with_pyarrow(tmp_path: Path):
+    root = _write_two_entities_two_months(tmp_path)
+
+    table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+
+    assert table.num_rows == 16
+    assert set(table.column("resolution").to_pylist()) == {"15min"}
+    assert set(table.column("month").to_pylist()) == {"2025-10", "2025-11"}
+    assert set(table.column("entity_id").to_pylist()) == {VA_ID, OTHER_VA_ID}
+
+
+def _buckets(starts: list[datetime], revenue_eur: float, product: str = "tolling") -> pa.Table:
+    rows = [
+        {
+            "entity_id": VA_ID,
+            "product": product,
+            "bucket_start": start,
+            "bucket_end": start + timedelta(days=1),
+            "revenue_eur": revenue_eur,
+            "currency": "EUR",
+            "run_id": "run-1",
+            "fetched_at": FETCHED_AT,
+            "endpoint": "/tolling",
+        }
+        for start in starts
+    ]
+    return pa.Table.from_pylist(rows, schema=BUCKET_SCHEMA)
+
+
+def test_store_revenue_buckets_layout_and_merge(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    # Local midnight of 1 November 2025 is 23:00Z on 31 October.
+    starts = [datetime(2025, 10, 30, 23, tzinfo=UTC), datetime(2025, 10, 31, 23, tzinfo=UTC)]
+
+    store.write_revenue_buckets(_buckets(starts, 10.0))
+    written = store.write_revenue_buckets(_buckets(starts[1:], 20.0))
+
+    assert _files_under(tmp_path / "parquet") == [
+        f"revenue_buckets/product=tolling/month=2025-10/{VA_ID}.parquet",
+        f"revenue_buckets/product=tolling/month=2025-11/{VA_ID}.parquet",
+    ]
+    (november,) = written
+    rows = pq.read_table(november).to_pylist()
+    assert [row["revenue_eur"] for row in rows] == [20.0]
+    assert "product" not in pq.read_schema(november).names
+
+
+def test_store_revenue_buckets_reject_unsafe_product(tmp_path: Path):
+    with pytest.raises(InvalidEntityIdError, match="product"):
+        ParquetStore(tmp_path).write_revenue_buckets(_buckets([datetime(2025, 1, 1, tzinfo=UTC)], 1.0, "a/b"))
+
+    assert _files_under(tmp_path) == []
+
+
+def test_store_empty_table_writes_nothing(tmp_path: Path):
+    written = ParquetStore(tmp_path).write_datapoints(LONG_SCHEMA.empty_table())
+
+    assert written == []
+    assert not os.path.exists(tmp_path / "parquet")
