@@ -161,7 +161,7 @@ class Organisation:
         return tuple(self._by_id[i] for i in dict.fromkeys(ids))
 
 
-# --- TOML schema -------------------------------------------------------------------------------
+# The schema of config/sandbox.toml, validated before the dataclasses above are built.
 
 
 class _Strict(BaseModel):
@@ -330,8 +330,8 @@ def synthetic_organisation(virtual_assets: int, *, seed: int = 1) -> Organisatio
     """Build a deterministic organisation of ``virtual_assets`` assets for benchmarks.
 
     Assets have 1 to 50 MW and 1 to 2 hours of energy, five to a portfolio, all active from
-    2024-01-01 to 2031-01-01. One fleet holds every portfolio; two physical assets split the
-    assets into halves (both hold the only asset when there is one).
+    2024-01-01 to 2031-01-01. One fleet contains every portfolio, and two physical assets
+    split the assets into halves (both contain the only asset when there is one).
 
     >>> organisation = synthetic_organisation(200)
     >>> len(organisation.members("fleet", next(iter(organisation.fleets))))
