@@ -1,0 +1,498 @@
+"""The DuckDB warehouse: raw tables loaded from the Parquet dataset, run records and watermarks.
+
+One terralayr-etl process owns a warehouse at a time. It takes the exclusive file lock
+``<path>.lock`` before opening DuckDB and writes its pid into that file, so a second process
+can name the owner. The session time zone is pinned to UTC, so ``date_trunc``, casts and
+displayed timestamps never depend on the host's zone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from filelock import FileLock, Timeout
+
+from terralayr_etl.config import ENTITY_TYPES, RESOLUTIONS
+from terralayr_etl.errors import InvalidEntityIdError, MalformedResponseError, TerralayrError, WarehouseLockedError
+from terralayr_etl.ids import validate_entity_id
+from terralayr_etl.units import kw_to_mw
+
+logger = logging.getLogger(__name__)
+
+FILES_PER_STATEMENT = 500
+"""Parquet files read by one upsert statement, which bounds the size of one statement's scan."""
+
+SCHEMA_SQL = """
+create table if not exists datapoints (
+    entity_type varchar not null,
+    entity_id varchar not null,
+    resolution varchar not null,
+    category varchar not null,
+    period_start timestamptz not null,
+    value double,
+    unit varchar,
+    run_id varchar,
+    fetched_at timestamptz,
+    endpoint varchar,
+    primary key (entity_type, entity_id, resolution, category, period_start)
+);
+
+create table if not exists revenue_buckets (
+    entity_id varchar not null,
+    product varchar not null,
+    bucket_start timestamptz not null,
+    bucket_end timestamptz,
+    revenue_eur double,
+    currency varchar,
+    run_id varchar,
+    fetched_at timestamptz,
+    endpoint varchar,
+    primary key (entity_id, product, bucket_start)
+);
+
+create table if not exists virtual_assets (
+    virtual_asset_id varchar primary key,
+    portfolio_id varchar,
+    start_at timestamptz,
+    end_at timestamptz,
+    rated_charge_power_mw double,
+    rated_discharge_power_mw double,
+    energy_capacity_mwh double,
+    charge_efficiency double,
+    discharge_efficiency double,
+    delivery_zone varchar,
+    raw_json varchar
+);
+
+create table if not exists entity_members (
+    entity_type varchar not null,
+    entity_id varchar not null,
+    virtual_asset_id varchar not null,
+    primary key (entity_type, entity_id, virtual_asset_id)
+);
+
+create table if not exists runs (
+    run_id varchar primary key,
+    started_at timestamptz,
+    finished_at timestamptz,
+    status varchar,
+    code_version varchar,
+    parameters json,
+    windows integer,
+    requests integer,
+    retries integer,
+    rows bigint,
+    check_summary json
+);
+
+create table if not exists watermarks (
+    entity_type varchar not null,
+    entity_id varchar not null,
+    resolution varchar not null,
+    watermark timestamptz not null,
+    primary key (entity_type, entity_id, resolution)
+);
+"""
+
+# Partition values are strings. Without explicit types DuckDB guesses a type from the
+# folder names, and DuckDB rejects a type for a partition the files do not have.
+_DATAPOINT_HIVE_TYPES = "{'resolution': 'VARCHAR', 'entity_type': 'VARCHAR', 'month': 'VARCHAR'}"
+_BUCKET_HIVE_TYPES = "{'product': 'VARCHAR', 'month': 'VARCHAR'}"
+
+_UPSERT_DATAPOINTS = f"""
+insert into datapoints
+select entity_type, entity_id, resolution, category, period_start, value, unit, run_id, fetched_at, endpoint
+from read_parquet($files, hive_partitioning = true, hive_types = {_DATAPOINT_HIVE_TYPES})
+on conflict (entity_type, entity_id, resolution, category, period_start) do update set
+    value = excluded.value,
+    unit = excluded.unit,
+    run_id = excluded.run_id,
+    fetched_at = excluded.fetched_at,
+    endpoint = excluded.endpoint
+"""
+
+_UPSERT_REVENUE_BUCKETS = f"""
+insert into revenue_buckets
+select entity_id, product, bucket_start, bucket_end, revenue_eur, currency, run_id, fetched_at, endpoint
+from read_parquet($files, hive_partitioning = true, hive_types = {_BUCKET_HIVE_TYPES})
+on conflict (entity_id, product, bucket_start) do update set
+    bucket_end = excluded.bucket_end,
+    revenue_eur = excluded.revenue_eur,
+    currency = excluded.currency,
+    run_id = excluded.run_id,
+    fetched_at = excluded.fetched_at,
+    endpoint = excluded.endpoint
+"""
+
+_VIRTUAL_ASSET_SCHEMA = pa.schema(
+    [
+        pa.field("virtual_asset_id", pa.string()),
+        pa.field("portfolio_id", pa.string()),
+        pa.field("start_at", pa.timestamp("us", tz="UTC")),
+        pa.field("end_at", pa.timestamp("us", tz="UTC")),
+        pa.field("rated_charge_power_mw", pa.float64()),
+        pa.field("rated_discharge_power_mw", pa.float64()),
+        pa.field("energy_capacity_mwh", pa.float64()),
+        pa.field("charge_efficiency", pa.float64()),
+        pa.field("discharge_efficiency", pa.float64()),
+        pa.field("delivery_zone", pa.string()),
+        pa.field("raw_json", pa.string()),
+    ]
+)
+
+
+class Warehouse:
+    """An open DuckDB warehouse file, held exclusively by this process until ``close``.
+
+    Example::
+
+        with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
+            warehouse.load_datapoints(files)
+    """
+
+    connection: duckdb.DuckDBPyConnection
+
+    def __init__(self, path: Path, *, lock_timeout_seconds: float = 0):
+        """Lock and open the warehouse, creating the file and its tables if missing.
+
+        ``lock_timeout_seconds`` is how long to wait for another process to release the
+        lock: 0 fails at once, a negative value waits indefinitely.
+        """
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(
+            self.lock_path, timeout=lock_timeout_seconds, thread_local=False, on_acquired=_write_pid
+        )
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise WarehouseLockedError(_locked_message(self.path, _read_pid(self.lock_path))) from None
+
+        try:
+            self.connection = duckdb.connect(str(self.path))
+            self.connection.execute("set TimeZone = 'UTC'")
+            self.connection.execute(SCHEMA_SQL)
+        except duckdb.IOException as exc:
+            self._lock.release()
+            # DuckDB's own file lock is held, for example by a DuckDB shell outside terralayr-etl.
+            raise WarehouseLockedError(f"{_locked_message(self.path, None)} (DuckDB: {exc})") from None
+        except BaseException:
+            self._lock.release()
+            raise
+        self._closed = False
+        logger.info("Opened warehouse %s", self.path)
+
+    def __enter__(self) -> Warehouse:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the DuckDB connection and release the lock. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.connection.close()
+        finally:
+            self._lock.release()
+        logger.info("Closed warehouse %s", self.path)
+
+    def load_datapoints(self, files: Sequence[Path]) -> int:
+        """Upsert the rows of data-point Parquet files and return the rows inserted or updated.
+
+        A row replaces the stored row with the same entity type, entity id, resolution,
+        category and period_start, so loading the same files twice keeps the row count.
+        Each file must contain each key once, as ParquetStore writes them. All batches run in
+        one transaction.
+        """
+        return self._upsert_files(_UPSERT_DATAPOINTS, files, "data-point")
+
+    def load_revenue_buckets(self, files: Sequence[Path]) -> int:
+        """Upsert the rows of revenue-bucket Parquet files, keyed on virtual asset, product and bucket_start."""
+        return self._upsert_files(_UPSERT_REVENUE_BUCKETS, files, "revenue-bucket")
+
+    def replace_virtual_assets(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the whole virtual_assets table with virtual-asset objects as the API returns them.
+
+        Power in kW and energy in kWh become MW and MWh, and the object itself is kept in
+        ``raw_json``. Of two objects with the same id, the later one is kept.
+        """
+        by_id = {}
+        for asset in rows:
+            record = _virtual_asset_record(asset)
+            by_id[record["virtual_asset_id"]] = record
+        table = pa.Table.from_pylist(list(by_id.values()), schema=_VIRTUAL_ASSET_SCHEMA)
+
+        with self._transaction():
+            self.connection.execute("delete from virtual_assets")
+            self._insert_arrow("virtual_assets", table)
+        logger.info("Stored %d virtual assets in %s", table.num_rows, self.path)
+
+    def replace_entity_members(self, rows: list[tuple[str, str, str]]) -> None:
+        """Replace the whole entity_members table with (entity_type, entity_id, virtual_asset_id) rows."""
+        members = sorted({_member_row(*row) for row in rows})
+        table = pa.table(
+            {
+                "entity_type": pa.array([row[0] for row in members], pa.string()),
+                "entity_id": pa.array([row[1] for row in members], pa.string()),
+                "virtual_asset_id": pa.array([row[2] for row in members], pa.string()),
+            }
+        )
+
+        with self._transaction():
+            self.connection.execute("delete from entity_members")
+            self._insert_arrow("entity_members", table)
+        logger.info("Stored %d entity members in %s", table.num_rows, self.path)
+
+    def start_run(self, run_id: str, code_version: str, parameters: dict[str, Any]) -> None:
+        """Record a run as started now, with status ``running``."""
+        try:
+            self.connection.execute(
+                "insert into runs (run_id, started_at, status, code_version, parameters) "
+                "values (?, ?, 'running', ?, ?::json)",
+                [run_id, datetime.now(UTC), code_version, json.dumps(parameters, sort_keys=True, default=str)],
+            )
+        except duckdb.ConstraintException:
+            raise TerralayrError(f"run {run_id!r} is already recorded in {self.path}; start the run with a new id") from None
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        windows: int,
+        requests: int,
+        retries: int,
+        rows: int,
+        check_summary: dict[str, Any],
+    ) -> None:
+        """Record a run's end time, status, counts and check summary."""
+        updated = self.connection.execute(
+            "update runs set finished_at = ?, status = ?, windows = ?, requests = ?, retries = ?, rows = ?, "
+            "check_summary = ?::json where run_id = ?",
+            [
+                datetime.now(UTC),
+                status,
+                windows,
+                requests,
+                retries,
+                rows,
+                json.dumps(check_summary, sort_keys=True, default=str),
+                run_id,
+            ],
+        ).fetchone()
+        if not updated or updated[0] == 0:
+            raise TerralayrError(f"run {run_id!r} is not recorded in {self.path}; call start_run before finish_run")
+
+    def get_watermark(self, entity_type: str, entity_id: str, resolution: str) -> datetime | None:
+        """Return the stored watermark of one entity and resolution in UTC, or None."""
+        row = self.connection.execute(
+            "select watermark from watermarks where entity_type = ? and entity_id = ? and resolution = ?",
+            [entity_type, entity_id, resolution],
+        ).fetchone()
+        return _as_utc(row[0]) if row else None
+
+    def set_watermarks(self, rows: list[tuple[str, str, str, datetime]]) -> None:
+        """Insert or overwrite watermarks given as (entity_type, entity_id, resolution, watermark) rows."""
+        latest: dict[tuple[str, str, str], datetime] = {}
+        for entity_type, entity_id, resolution, watermark in rows:
+            if watermark.tzinfo is None:
+                raise ValueError(f"watermark {watermark.isoformat()} of {entity_type} {entity_id} has no time zone; pass a UTC datetime")
+            latest[_watermark_key(entity_type, entity_id, resolution)] = watermark.astimezone(UTC)
+        table = pa.table(
+            {
+                "entity_type": pa.array([key[0] for key in latest], pa.string()),
+                "entity_id": pa.array([key[1] for key in latest], pa.string()),
+                "resolution": pa.array([key[2] for key in latest], pa.string()),
+                "watermark": pa.array(list(latest.values()), pa.timestamp("us", tz="UTC")),
+            }
+        )
+
+        with self._transaction():
+            self._insert_arrow(
+                "watermarks",
+                table,
+                on_conflict="(entity_type, entity_id, resolution) do update set watermark = excluded.watermark",
+            )
+
+    def update_watermarks(self, resolutions: Sequence[str]) -> int:
+        """Set each entity's watermark to its latest loaded period_start, per resolution.
+
+        Returns the number of watermarks written.
+        """
+        with self._transaction():
+            written = self.connection.execute(
+                """
+                insert into watermarks
+                select entity_type, entity_id, resolution, max(period_start)
+                from datapoints
+                where list_contains($resolutions, resolution)
+                group by all
+                on conflict (entity_type, entity_id, resolution) do update set watermark = excluded.watermark
+                """,
+                {"resolutions": list(resolutions)},
+            ).fetchone()
+        return written[0] if written else 0
+
+    def earliest_watermark(self, resolutions: Sequence[str]) -> datetime | None:
+        """Return the earliest watermark over all entities at these resolutions, or None."""
+        row = self.connection.execute(
+            "select min(watermark) from watermarks where list_contains($resolutions, resolution)",
+            {"resolutions": list(resolutions)},
+        ).fetchone()
+        return _as_utc(row[0]) if row and row[0] is not None else None
+
+    def _upsert_files(self, statement: str, files: Sequence[Path], kind: str) -> int:
+        paths = sorted({str(Path(file).resolve()) for file in files})
+        if not paths:
+            return 0
+        written = 0
+        with self._transaction():
+            for batch in _batched(paths):
+                result = self.connection.execute(statement, {"files": batch}).fetchone()
+                written += result[0] if result else 0
+        logger.info("Loaded %d %s rows from %d Parquet files into %s", written, kind, len(paths), self.path)
+        return written
+
+    def _insert_arrow(self, table_name: str, rows: pa.Table, on_conflict: str | None = None) -> None:
+        """Insert an Arrow table whose columns match ``table_name`` by name."""
+        view = f"_incoming_{table_name}"
+        self.connection.register(view, rows)
+        try:
+            columns = ", ".join(rows.column_names)
+            conflict = f" on conflict {on_conflict}" if on_conflict else ""
+            self.connection.execute(f"insert into {table_name} ({columns}) select {columns} from {view}{conflict}")
+        finally:
+            self.connection.unregister(view)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.connection.execute("begin transaction")
+        try:
+            yield
+        except BaseException:
+            self.connection.execute("rollback")
+            raise
+        self.connection.execute("commit")
+
+
+def _batched(paths: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(paths), FILES_PER_STATEMENT):
+        yield paths[start : start + FILES_PER_STATEMENT]
+
+
+def _write_pid(descriptor: int) -> None:
+    """Write this process's pid into the lock file, which filelock keeps open and locked."""
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+
+
+def _read_pid(lock_path: Path) -> int | None:
+    try:
+        text = lock_path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _locked_message(path: Path, pid: int | None) -> str:
+    owner = f" (pid {pid})" if pid is not None else ""
+    return (
+        f"warehouse {path} is in use by another terralayr-etl process{owner}; "
+        "wait for it to finish or use another --data-dir"
+    )
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def _watermark_key(entity_type: str, entity_id: str, resolution: str) -> tuple[str, str, str]:
+    if entity_type not in ENTITY_TYPES:
+        raise InvalidEntityIdError(f"invalid entity type {entity_type!r}; use one of {list(ENTITY_TYPES)}")
+    if resolution not in RESOLUTIONS:
+        raise InvalidEntityIdError(f"invalid resolution {resolution!r}; use one of {list(RESOLUTIONS)}")
+    return entity_type, validate_entity_id(entity_id), resolution
+
+
+def _member_row(entity_type: str, entity_id: str, virtual_asset_id: str) -> tuple[str, str, str]:
+    if entity_type not in ENTITY_TYPES:
+        raise InvalidEntityIdError(f"invalid entity type {entity_type!r}; use one of {list(ENTITY_TYPES)}")
+    return entity_type, validate_entity_id(entity_id), validate_entity_id(virtual_asset_id, what="virtual asset id")
+
+
+def _virtual_asset_record(asset: dict[str, Any]) -> dict[str, Any]:
+    """Map one API virtual-asset object to a virtual_assets row."""
+    asset_id = validate_entity_id(asset.get("id"), what="virtual asset id")
+    portfolio_id = asset.get("portfolioID")
+    if portfolio_id is not None:
+        validate_entity_id(portfolio_id, what=f"portfolioID of virtual asset {asset_id}")
+    _check_unit(asset, "unitsPower", "kW", asset_id)
+    _check_unit(asset, "unitsEnergy", "kWh", asset_id)
+    return {
+        "virtual_asset_id": asset_id,
+        "portfolio_id": portfolio_id,
+        "start_at": _instant(asset, "start", asset_id),
+        "end_at": _instant(asset, "end", asset_id),
+        "rated_charge_power_mw": _megawatts(asset, "ratedChargePower", asset_id),
+        "rated_discharge_power_mw": _megawatts(asset, "ratedDischargePower", asset_id),
+        "energy_capacity_mwh": _megawatts(asset, "energyCapacity", asset_id),
+        "charge_efficiency": _number(asset, "chargeEfficiency", asset_id),
+        "discharge_efficiency": _number(asset, "dischargeEfficiency", asset_id),
+        "delivery_zone": asset.get("deliveryZone"),
+        "raw_json": json.dumps(asset, sort_keys=True),
+    }
+
+
+def _check_unit(asset: dict[str, Any], field: str, expected: str, asset_id: str) -> None:
+    unit = asset.get(field)
+    if unit is not None and unit != expected:
+        raise MalformedResponseError(
+            f"virtual asset {asset_id} reports {field} {unit!r}, but terralayr-etl converts only the "
+            f"documented unit {expected!r}; report the changed unit so the conversion can be extended"
+        )
+
+
+def _number(asset: dict[str, Any], field: str, asset_id: str) -> float | None:
+    value = asset.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedResponseError(f"{field} {value!r} of virtual asset {asset_id} is not a number")
+    return float(value)
+
+
+def _megawatts(asset: dict[str, Any], field: str, asset_id: str) -> float | None:
+    """Read a kW (or kWh) field and convert it to MW (or MWh)."""
+    value_kw = _number(asset, field, asset_id)
+    return None if value_kw is None else kw_to_mw(value_kw)
+
+
+def _instant(asset: dict[str, Any], field: str, asset_id: str) -> datetime | None:
+    text = asset.get(field)
+    if text is None:
+        return None
+    try:
+        instant = datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        instant = None
+    if instant is None or instant.tzinfo is None:
+        raise MalformedResponseError(
+            f"{field} {text!r} of virtual asset {asset_id} is not an RFC 3339 timestamp with 'Z' or an offset"
+        )
+    return instant.astimezone(UTC)

@@ -1,0 +1,382 @@
+"""Tests for terralayr_etl.warehouse against real DuckDB files and real Parquet files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from terralayr_etl import warehouse as warehouse_module
+from terralayr_etl.errors import InvalidEntityIdError, MalformedResponseError, TerralayrError, WarehouseLockedError
+from terralayr_etl.normalise import BUCKET_SCHEMA, LONG_SCHEMA
+from terralayr_etl.storage import ParquetStore
+from terralayr_etl.warehouse import Warehouse
+
+VA_ID = "38421b10-96fe-569f-8d56-bff0ee2dc95b"
+PORTFOLIO_ID = "e98432cc-fa6c-53c4-ad5b-0ac76728ab06"
+DAY = datetime(2025, 1, 1, tzinfo=UTC)
+FETCHED_AT = datetime(2025, 1, 2, 3, 0, tzinfo=UTC)
+
+
+def _datapoints(count: int, value_offset: float = 0.0, entity_id: str = VA_ID) -> pa.Table:
+    rows = [
+        {
+            "entity_type": "virtual_asset",
+            "entity_id": entity_id,
+            "resolution": "15min",
+            "category": category,
+            "period_start": DAY + timedelta(minutes=15 * index),
+            "value": float(index) + value_offset,
+            "unit": "EUR",
+            "run_id": f"run-{value_offset:g}",
+            "fetched_at": FETCHED_AT,
+            "endpoint": "/datapoints",
+        }
+        for category in ("revenue_wholesale", "revenue_fcr")
+        for index in range(count)
+    ]
+    return pa.Table.from_pylist(rows, schema=LONG_SCHEMA)
+
+
+def _buckets(revenue_eur: float) -> pa.Table:
+    rows = [
+        {
+            "entity_id": VA_ID,
+            "product": "tolling",
+            "bucket_start": DAY + timedelta(days=index) - timedelta(hours=1),
+            "bucket_end": DAY + timedelta(days=index + 1) - timedelta(hours=1),
+            "revenue_eur": revenue_eur + index,
+            "currency": "EUR",
+            "run_id": "run-1",
+            "fetched_at": FETCHED_AT,
+            "endpoint": "/tolling",
+        }
+        for index in range(3)
+    ]
+    return pa.Table.from_pylist(rows, schema=BUCKET_SCHEMA)
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path):
+    with Warehouse(tmp_path / "warehouse.duckdb") as opened:
+        yield opened
+
+
+def test_warehouse_creates_contract_tables(warehouse: Warehouse):
+    columns = warehouse.connection.execute(
+        "select table_name, column_name, data_type from information_schema.columns order by table_name, ordinal_position"
+    ).fetchall()
+
+    by_table: dict[str, list[tuple[str, str]]] = {}
+    for table_name, column_name, data_type in columns:
+        by_table.setdefault(table_name, []).append((column_name, data_type))
+    assert by_table["datapoints"] == [
+        ("entity_type", "VARCHAR"),
+        ("entity_id", "VARCHAR"),
+        ("resolution", "VARCHAR"),
+        ("category", "VARCHAR"),
+        ("period_start", "TIMESTAMP WITH TIME ZONE"),
+        ("value", "DOUBLE"),
+        ("unit", "VARCHAR"),
+        ("run_id", "VARCHAR"),
+        ("fetched_at", "TIMESTAMP WITH TIME ZONE"),
+        ("endpoint", "VARCHAR"),
+    ]
+    assert [name for name, _ in by_table["revenue_buckets"]] == [
+        "entity_id", "product", "bucket_start", "bucket_end", "revenue_eur",
+        "currency", "run_id", "fetched_at", "endpoint",
+    ]  # fmt: skip
+    assert dict(by_table["runs"])["parameters"] == "JSON"
+    assert dict(by_table["runs"])["rows"] == "BIGINT"
+    assert set(by_table) == {"datapoints", "revenue_buckets", "virtual_assets", "entity_members", "runs", "watermarks"}
+
+
+def test_warehouse_upsert_twice_corrects_values(tmp_path: Path, warehouse: Warehouse):
+    store = ParquetStore(tmp_path)
+    files = store.write_datapoints(_datapoints(8))
+
+    first = warehouse.load_datapoints(files)
+    files = store.write_datapoints(_datapoints(8, value_offset=100.0))
+    second = warehouse.load_datapoints(files)
+
+    assert first == 16
+    assert second == 16
+    assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (16,)
+    value, run_id = warehouse.connection.execute(
+        "select value, run_id from datapoints where category = 'revenue_fcr' and period_start = ?", [DAY]
+    ).fetchone()
+    assert value == 100.0
+    assert run_id == "run-100"
+
+
+def test_warehouse_load_takes_partition_columns(tmp_path: Path, warehouse: Warehouse):
+    files = ParquetStore(tmp_path).write_datapoints(_datapoints(2))
+
+    warehouse.load_datapoints(files)
+
+    rows = warehouse.connection.execute("select distinct entity_type, entity_id, resolution from datapoints").fetchall()
+    assert rows == [("virtual_asset", VA_ID, "15min")]
+
+
+def test_warehouse_load_rolls_back_failed_batch(tmp_path: Path, warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch):
+    files = ParquetStore(tmp_path).write_datapoints(_datapoints(4))
+    monkeypatch.setattr(warehouse_module, "FILES_PER_STATEMENT", 1)
+
+    with pytest.raises(duckdb.IOException):
+        warehouse.load_datapoints([*files, tmp_path / "zz-missing.parquet"])
+
+    assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (0,)
+
+
+def test_warehouse_load_empty_list_returns_zero(warehouse: Warehouse):
+    assert warehouse.load_datapoints([]) == 0
+    assert warehouse.load_revenue_buckets([]) == 0
+
+
+def test_warehouse_revenue_buckets_upsert(tmp_path: Path, warehouse: Warehouse):
+    store = ParquetStore(tmp_path)
+    warehouse.load_revenue_buckets(store.write_revenue_buckets(_buckets(10.0)))
+
+    loaded = warehouse.load_revenue_buckets(store.write_revenue_buckets(_buckets(50.0)))
+
+    assert loaded == 3
+    rows = warehouse.connection.execute(
+        "select product, revenue_eur from revenue_buckets order by bucket_start"
+    ).fetchall()
+    assert rows == [("tolling", 50.0), ("tolling", 51.0), ("tolling", 52.0)]
+
+
+_HOLD_LOCK_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from terralayr_etl.warehouse import Warehouse
+
+    with Warehouse(Path(sys.argv[1])):
+        print("ready", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+def test_warehouse_lock_held_by_other_process(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK_SCRIPT, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+
+        with pytest.raises(WarehouseLockedError) as caught:
+            Warehouse(path)
+
+        message = str(caught.value)
+        assert str(path) in message
+        assert f"pid {holder.pid}" in message
+        assert "--data-dir" in message
+    finally:
+        holder.communicate("done\n", timeout=30)
+
+    with Warehouse(path) as reopened:
+        assert reopened.connection.execute("select 1").fetchone() == (1,)
+
+
+def test_warehouse_lock_timeout_waits_for_release(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    script = _HOLD_LOCK_SCRIPT.replace("sys.stdin.readline()", "import time; time.sleep(0.5)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+
+        with Warehouse(path, lock_timeout_seconds=30) as waited:
+            assert waited.connection.execute("select 1").fetchone() == (1,)
+    finally:
+        holder.wait(timeout=30)
+
+
+_TIME_ZONE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import duckdb
+    from terralayr_etl.warehouse import Warehouse
+
+    query = (
+        "select current_setting('TimeZone'), "
+        "cast(timestamptz '2025-03-30 01:30:00+00' as varchar), "
+        "cast(date_trunc('day', timestamptz '2025-03-30 01:30:00+00') as varchar)"
+    )
+    plain = duckdb.connect()
+    with Warehouse(Path(sys.argv[1])) as warehouse:
+        print(json.dumps({"plain": plain.execute(query).fetchone(), "warehouse": warehouse.connection.execute(query).fetchone()}))
+    """
+)
+
+
+def test_warehouse_session_time_zone_is_utc(tmp_path: Path):
+    environment = {**os.environ, "TZ": "America/New_York"}
+
+    completed = subprocess.run(
+        [sys.executable, "-c", _TIME_ZONE_SCRIPT, str(tmp_path / "warehouse.duckdb")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    result = json.loads(completed.stdout)
+    # The plain connection shows that the host zone really is New York in this process.
+    assert result["plain"][0] == "America/New_York"
+    assert result["warehouse"] == ["UTC", "2025-03-30 01:30:00+00", "2025-03-30 00:00:00+00"]
+
+
+def test_warehouse_watermarks_round_trip(warehouse: Warehouse):
+    berlin_summer = timezone(timedelta(hours=2))
+    warehouse.set_watermarks(
+        [
+            ("virtual_asset", VA_ID, "15min", datetime(2025, 6, 1, 2, 0, tzinfo=berlin_summer)),
+            ("portfolio", PORTFOLIO_ID, "daily", datetime(2025, 5, 31, 22, 0, tzinfo=UTC)),
+        ]
+    )
+    warehouse.set_watermarks([("virtual_asset", VA_ID, "15min", datetime(2025, 6, 2, tzinfo=UTC))])
+
+    fifteen_minute = warehouse.get_watermark("virtual_asset", VA_ID, "15min")
+    daily = warehouse.get_watermark("portfolio", PORTFOLIO_ID, "daily")
+
+    assert fifteen_minute == datetime(2025, 6, 2, tzinfo=UTC)
+    assert fifteen_minute.tzinfo is UTC
+    assert daily == datetime(2025, 5, 31, 22, 0, tzinfo=UTC)
+    assert warehouse.get_watermark("virtual_asset", VA_ID, "hourly") is None
+    assert warehouse.connection.execute("select count(*) from watermarks").fetchone() == (2,)
+
+
+def test_warehouse_watermark_rejects_naive_and_bad_ids(warehouse: Warehouse):
+    with pytest.raises(ValueError, match="no time zone"):
+        warehouse.set_watermarks([("virtual_asset", VA_ID, "15min", datetime(2025, 6, 1))])
+    with pytest.raises(InvalidEntityIdError):
+        warehouse.set_watermarks([("virtual_asset", "../x", "15min", datetime(2025, 6, 1, tzinfo=UTC))])
+    with pytest.raises(InvalidEntityIdError, match="resolution"):
+        warehouse.set_watermarks([("virtual_asset", VA_ID, "weekly", datetime(2025, 6, 1, tzinfo=UTC))])
+
+
+def test_warehouse_update_watermarks_from_datapoints(tmp_path: Path, warehouse: Warehouse):
+    warehouse.load_datapoints(ParquetStore(tmp_path).write_datapoints(_datapoints(8)))
+
+    written = warehouse.update_watermarks(["15min", "hourly"])
+
+    assert written == 1
+    assert warehouse.get_watermark("virtual_asset", VA_ID, "15min") == DAY + timedelta(minutes=15 * 7)
+    assert warehouse.earliest_watermark(["15min"]) == DAY + timedelta(minutes=15 * 7)
+    assert warehouse.earliest_watermark(["daily"]) is None
+
+
+def _virtual_asset(asset_id: str = VA_ID, power_kw: float = 2500) -> dict:
+    return {
+        "id": asset_id,
+        "portfolioID": PORTFOLIO_ID,
+        "start": "2023-12-31T23:00:00Z",
+        "end": None,
+        "ratedChargePower": power_kw,
+        "ratedDischargePower": 2000,
+        "unitsPower": "kW",
+        "energyCapacity": 5000,
+        "unitsEnergy": "kWh",
+        "chargeEfficiency": 0.943,
+        "dischargeEfficiency": 0.95,
+        "deliveryZone": "50Hertz",
+    }
+
+
+def test_warehouse_virtual_assets_converted_to_mw(warehouse: Warehouse):
+    warehouse.replace_virtual_assets([_virtual_asset()])
+
+    row = warehouse.connection.execute(
+        "select virtual_asset_id, portfolio_id, start_at, end_at, rated_charge_power_mw, rated_discharge_power_mw, "
+        "energy_capacity_mwh, charge_efficiency, discharge_efficiency, delivery_zone, raw_json from virtual_assets"
+    ).fetchone()
+
+    assert row[0] == VA_ID
+    assert row[1] == PORTFOLIO_ID
+    assert row[2] == datetime(2023, 12, 31, 23, tzinfo=UTC)
+    assert row[3] is None
+    assert row[4] == 2.5
+    assert row[5] == 2.0
+    assert row[6] == 5.0
+    assert row[7] == 0.943
+    assert row[8] == 0.95
+    assert row[9] == "50Hertz"
+    assert json.loads(row[10]) == _virtual_asset()
+
+
+def test_warehouse_replace_virtual_assets_drops_old_rows(warehouse: Warehouse):
+    other_id = "9e16f4da-6d4c-5454-a2d4-0e45c049d6f7"
+    warehouse.replace_virtual_assets([_virtual_asset(), _virtual_asset(other_id)])
+
+    warehouse.replace_virtual_assets([_virtual_asset(power_kw=1000), _virtual_asset(power_kw=3000)])
+
+    rows = warehouse.connection.execute("select virtual_asset_id, rated_charge_power_mw from virtual_assets").fetchall()
+    assert rows == [(VA_ID, 3.0)]
+
+
+def test_warehouse_virtual_asset_rejects_other_unit(warehouse: Warehouse):
+    asset = {**_virtual_asset(), "unitsPower": "MW"}
+
+    with pytest.raises(MalformedResponseError, match="unitsPower 'MW'"):
+        warehouse.replace_virtual_assets([asset])
+
+
+def test_warehouse_replace_entity_members(warehouse: Warehouse):
+    warehouse.replace_entity_members([("fleet", "fleet-1", VA_ID)])
+
+    warehouse.replace_entity_members(
+        [("virtual_asset", VA_ID, VA_ID), ("portfolio", PORTFOLIO_ID, VA_ID), ("portfolio", PORTFOLIO_ID, VA_ID)]
+    )
+
+    rows = warehouse.connection.execute("select * from entity_members order by entity_type").fetchall()
+    assert rows == [("portfolio", PORTFOLIO_ID, VA_ID), ("virtual_asset", VA_ID, VA_ID)]
+
+
+def test_warehouse_entity_members_reject_unknown_type(warehouse: Warehouse):
+    with pytest.raises(InvalidEntityIdError, match="entity type 'site'"):
+        warehouse.replace_entity_members([("site", "s-1", VA_ID)])
+
+
+def test_warehouse_run_record_round_trip(warehouse: Warehouse):
+    warehouse.start_run("run-1", "0.1.0", {"start": "2025-01-01", "resolutions": ["15min"]})
+    warehouse.finish_run(
+        "run-1", status="success", windows=3, requests=5, retries=1, rows=900, check_summary={"passed": 4, "failed": 0}
+    )
+
+    row = warehouse.connection.execute(
+        "select status, code_version, parameters->>'start', windows, requests, retries, rows, "
+        "check_summary->>'passed', started_at <= finished_at from runs"
+    ).fetchone()
+    assert row == ("success", "0.1.0", "2025-01-01", 3, 5, 1, 900, "4", True)
+
+
+def test_warehouse_run_errors_name_run_id(warehouse: Warehouse):
+    warehouse.start_run("run-1", "0.1.0", {})
+
+    with pytest.raises(TerralayrError, match="'run-1' is already recorded"):
+        warehouse.start_run("run-1", "0.1.0", {})
+    with pytest.raises(TerralayrError, match="'run-2' is not recorded"):
+        warehouse.finish_run("run-2", status="failed", windows=0, requests=0, retries=0, rows=0, check_summary={})
+
+
+def test_warehouse_close_releases_lock(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    first = Warehouse(path)
+    first.close()
+    first.close()
+
+    with Warehouse(path) as second:
+        assert second.connection.execute("select 1").fetchone() == (1,)
