@@ -56,6 +56,8 @@ class _Dataset:
     """The UTC instant whose Europe/Berlin delivery day picks the month folder."""
     key: tuple[str, ...]
     """Columns inside a file that identify a row. A new row replaces a stored row with the same key."""
+    sort_key: tuple[str, ...]
+    """Row order inside a file; entity_id is left out because each file contains one entity."""
 
     @property
     def file_schema(self) -> pa.Schema:
@@ -69,6 +71,7 @@ _DATAPOINTS = _Dataset(
     partition_columns=("resolution", "entity_type"),
     instant_column="period_start",
     key=("entity_id", "category", "period_start"),
+    sort_key=("category", "period_start"),
 )
 _REVENUE_BUCKETS = _Dataset(
     name="revenue_buckets",
@@ -76,6 +79,7 @@ _REVENUE_BUCKETS = _Dataset(
     partition_columns=("product",),
     instant_column="bucket_start",
     key=("entity_id", "bucket_start"),
+    sort_key=("bucket_start",),
 )
 
 # One lock per target file, shared by every ParquetStore in this process, so that threads
@@ -172,7 +176,8 @@ class ParquetStore:
 
     def _merge_into(self, dataset: _Dataset, path: Path, new_rows: pl.DataFrame) -> None:
         key = list(dataset.key)
-        new_rows = new_rows.unique(subset=key, keep="last", maintain_order=True)
+        if new_rows.select(pl.struct(key).is_duplicated().any()).item():
+            new_rows = new_rows.unique(subset=key, keep="last", maintain_order=True)
         merged = new_rows
         replaced = 0
         if path.exists():
@@ -181,7 +186,7 @@ class ParquetStore:
             replaced = stored.height - kept.height
             merged = pl.concat([kept, new_rows.select(kept.columns)])
 
-        merged = merged.sort(key)
+        merged = merged.sort(list(dataset.sort_key))
         _write_atomically(merged.to_arrow().select(dataset.file_schema.names).cast(dataset.file_schema), path)
         logger.debug("Wrote %d rows to %s (%d new, %d replaced)", merged.height, path, new_rows.height - replaced, replaced)
 
