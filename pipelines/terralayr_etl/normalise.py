@@ -165,7 +165,7 @@ def normalise_datapoints(
     table, duplicates = _drop_earlier_duplicates(table, ["category", "period_start"], "period_start", endpoint)
     unknown = tuple(name for name in categories if name not in CATEGORIES)
     if unknown:
-        logger.info("Response from %s has categories not in the documented list: %s", endpoint, ", ".join(unknown))
+        logger.debug("Response from %s has categories not in the documented list: %s", endpoint, ", ".join(unknown))
     return NormalisedPage(
         table=table,
         categories=categories,

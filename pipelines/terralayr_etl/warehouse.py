@@ -154,6 +154,9 @@ _VIRTUAL_ASSET_SCHEMA = pa.schema(
 class Warehouse:
     """An open DuckDB warehouse file, held exclusively by this process until ``close``.
 
+    NOTE: the methods share one DuckDB connection, which is not safe for concurrent use, so
+    call them from one thread at a time (the flow loads after its fetch threads finish).
+
     Example::
 
         with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
