@@ -137,12 +137,18 @@ class DayAheadReplay:
             prices[day_number, hour] = prices[day_number, _nearest_hour(prices[day_number, :, 0], hour)]
         return prices
 
+    def source_prices(self, source: date) -> np.ndarray:
+        """Return a 2024 day's prices indexed by [local hour, occurrence], gaps filled.
+
+        Occurrence 1 differs from occurrence 0 only for the hour repeated when DST ends. A
+        target day without a repeated hour reads occurrence 0, the first.
+        """
+        return self._prices[(source - date(REPLAY_YEAR, 1, 1)).days]
+
     def hourly_prices(self, day: date) -> np.ndarray:
         """Return one price in EUR/MWh per hour of the local day (23, 24 or 25 values)."""
-        source = source_day(day)
         hours, occurrences = local_hours(day)
-        source_prices = self._prices[(source - date(REPLAY_YEAR, 1, 1)).days]
-        return source_prices[hours, occurrences]
+        return self.source_prices(source_day(day))[hours, occurrences]
 
     def quarter_hour_prices(self, day: date) -> np.ndarray:
         """Return the day's quarter-hour prices in EUR/MWh (92, 96 or 100 values)."""
