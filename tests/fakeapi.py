@@ -208,9 +208,10 @@ class FakeApi:
         query = request.query_params
         start = datetime.fromisoformat(query["start"])
         end = datetime.fromisoformat(query["end"])
-        if end - start > timedelta(days=self.max_range_days):
-            days = (end - start) / timedelta(days=1)
-            message = f"the range is {days:.2f} days; at most {self.max_range_days:g} are allowed"
+        # Like the sandbox, the limit counts the local delivery days the inclusive range touches.
+        days = (local_day_of(end) - local_day_of(start)).days + 1
+        if days > self.max_range_days:
+            message = f"the range touches {days} delivery days; at most {self.max_range_days:g} are allowed"
             return _error(400, "range_too_large", message)
         period = PERIOD_BY_RESOLUTION.get(query.get("resolution", ""))
         if period is None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from fakeapi import PASSWORD, USERNAME, FakeApi, ScriptedReply, make_credentials, make_settings, serve
 
+from terralayr_etl.timeutil import local_day_of
 from terralayr_etl.client import ApiClient, RawResponse
 from terralayr_etl.config import Settings
 from terralayr_etl.errors import ApiError, AuthenticationError, InvalidEntityIdError, MalformedResponseError
@@ -346,8 +347,9 @@ def test_client_20_days_in_7_day_windows_exact(fake: FakeApi, client: ApiClient)
     assert len(found) == len(set(found))
     assert client.stats.windows_split == 0
     for recorded in fake.requests_to(VA_PATH):
-        span = datetime.fromisoformat(recorded.params["end"]) - datetime.fromisoformat(recorded.params["start"])
-        assert span <= timedelta(days=7)
+        first = local_day_of(datetime.fromisoformat(recorded.params["start"]))
+        last = local_day_of(datetime.fromisoformat(recorded.params["end"]))
+        assert (last - first).days + 1 <= 7
 
 
 def test_client_halves_windows_server_rejects(fake: FakeApi, client: ApiClient) -> None:

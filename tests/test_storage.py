@@ -66,8 +66,10 @@ def test_store_layout_uses_berlin_month(tmp_path: Path):
     written = store.write_datapoints(table)
 
     expected = [
-        f"parquet/datapoints/resolution=15min/entity_type=virtual_asset/month=2025-10/{VA_ID}.parquet",
-        f"parquet/datapoints/resolution=15min/entity_type=virtual_asset/month=2025-11/{VA_ID}.parquet",
+        # Friday 31 October belongs to the week block from Monday 27 October; 1 November
+        # starts a new block because blocks are cut at month boundaries.
+        f"parquet/datapoints/resolution=15min/entity_type=virtual_asset/month=2025-10/{VA_ID}_2025-10-27.parquet",
+        f"parquet/datapoints/resolution=15min/entity_type=virtual_asset/month=2025-11/{VA_ID}_2025-11-01.parquet",
     ]
     assert _files_under(tmp_path) == expected
     assert sorted(str(path.relative_to(tmp_path)) for path in written) == expected
@@ -319,8 +321,8 @@ def test_store_revenue_buckets_layout_and_merge(tmp_path: Path):
     written = store.write_revenue_buckets(_buckets(starts[1:], 20.0))
 
     assert _files_under(tmp_path / "parquet") == [
-        f"revenue_buckets/product=tolling/month=2025-10/{VA_ID}.parquet",
-        f"revenue_buckets/product=tolling/month=2025-11/{VA_ID}.parquet",
+        f"revenue_buckets/product=tolling/month=2025-10/{VA_ID}_2025-10-01.parquet",
+        f"revenue_buckets/product=tolling/month=2025-11/{VA_ID}_2025-11-01.parquet",
     ]
     (november,) = written
     rows = pq.read_table(november).to_pylist()

@@ -40,16 +40,18 @@ def test_plan_windows_20_days_as_7_7_6(settings: Settings) -> None:
     ]
 
 
-def test_plan_windows_shortens_run_with_autumn_dst_day(settings: Settings) -> None:
-    # 2024-10-27 has 25 hours, so 7 local days from it last 169 h, above the 7-day limit.
+def test_plan_windows_counts_local_days_over_dst(settings: Settings) -> None:
+    # The limit counts delivery days, so the week with the 25-hour 2024-10-27 is one window.
+    # Windows follow storage blocks: weeks from Monday, cut at month ends, packed up to 7 days.
     windows = plan_windows("raw", date(2024, 10, 20), date(2024, 11, 9), settings)
 
     assert windows == [
-        (utc("2024-10-19T22:00"), utc("2024-10-26T22:00")),
-        (utc("2024-10-26T22:00"), utc("2024-11-01T23:00")),
-        (utc("2024-11-01T23:00"), utc("2024-11-08T23:00")),
+        (utc("2024-10-19T22:00"), utc("2024-10-20T22:00")),
+        (utc("2024-10-20T22:00"), utc("2024-10-27T23:00")),
+        (utc("2024-10-27T23:00"), utc("2024-11-03T23:00")),
+        (utc("2024-11-03T23:00"), utc("2024-11-08T23:00")),
     ]
-    assert windows[1][1] - windows[1][0] == timedelta(days=6, hours=1)
+    assert windows[1][1] - windows[1][0] == timedelta(days=7, hours=1)
 
 
 def test_plan_windows_keeps_run_with_spring_dst_day(settings: Settings) -> None:
@@ -105,8 +107,7 @@ def test_plan_windows_one_day_limit_dst(settings: Settings) -> None:
 
     assert windows == [
         (utc("2024-10-25T22:00"), utc("2024-10-26T22:00")),
-        (utc("2024-10-26T22:00"), utc("2024-10-27T22:00")),
-        (utc("2024-10-27T22:00"), utc("2024-10-27T23:00")),
+        (utc("2024-10-26T22:00"), utc("2024-10-27T23:00")),
         (utc("2024-10-27T23:00"), utc("2024-10-28T23:00")),
     ]
 
@@ -133,7 +134,8 @@ def test_plan_windows_cover_range_within_limit(
     for (_, previous_end), (next_start, _) in zip(windows, windows[1:]):
         assert previous_end == next_start
     for window_start, window_end in windows:
-        assert window_end - window_start <= timedelta(days=max_days)
+        local_days = (window_end.astimezone(BERLIN).date() - window_start.astimezone(BERLIN).date()).days
+        assert local_days <= max_days
         assert window_start.astimezone(BERLIN).time() == time(0)
         assert window_end.astimezone(BERLIN).time() == time(0)
 

@@ -2,11 +2,13 @@
 
 Layout under ``<data_dir>/parquet/``::
 
-    datapoints/resolution=<r>/entity_type=<t>/month=<YYYY-MM>/<entity_id>.parquet
-    revenue_buckets/product=<p>/month=<YYYY-MM>/<virtual_asset_id>.parquet
+    datapoints/resolution=<r>/entity_type=<t>/month=<YYYY-MM>/<entity_id>_<block start>.parquet
+    revenue_buckets/product=<p>/month=<YYYY-MM>/<virtual_asset_id>_<block start>.parquet
 
 ``month`` is the month of the Europe/Berlin delivery day that contains ``period_start`` (or
-``bucket_start``). Partition columns are not stored inside the files, so hive-aware readers
+``bucket_start``). A file holds one entity's block (``timeutil.file_block_start``): a week cut
+at month ends for 15-minute data, a month otherwise. Request windows cover whole blocks, so a
+backfill writes each file once and only overlapping re-runs merge. Partition columns are not stored inside the files, so hive-aware readers
 (DuckDB ``read_parquet(..., hive_partitioning=true)``, ``polars.scan_parquet(...,
 hive_partitioning=True)``, ``pyarrow.dataset.dataset(..., partitioning="hive")``) add them.
 
@@ -53,7 +55,9 @@ class _Dataset:
     partition_columns: tuple[str, ...]
     """Hive folder levels above ``month``, outermost first. They are not stored in the files."""
     instant_column: str
-    """The UTC instant whose Europe/Berlin delivery day picks the month folder."""
+    """The UTC instant whose Europe/Berlin delivery day picks the month folder and block."""
+    fixed_resolution: str | None
+    """Block rule for datasets without a resolution column."""
     key: tuple[str, ...]
     """Columns inside a file that identify a row. A new row replaces a stored row with the same key."""
     sort_key: tuple[str, ...]
@@ -70,6 +74,7 @@ _DATAPOINTS = _Dataset(
     schema=LONG_SCHEMA,
     partition_columns=("resolution", "entity_type"),
     instant_column="period_start",
+    fixed_resolution=None,
     key=("entity_id", "category", "period_start"),
     sort_key=("category", "period_start"),
 )
@@ -78,6 +83,7 @@ _REVENUE_BUCKETS = _Dataset(
     schema=BUCKET_SCHEMA,
     partition_columns=("product",),
     instant_column="bucket_start",
+    fixed_resolution="daily",
     key=("entity_id", "bucket_start"),
     sort_key=("bucket_start",),
 )
@@ -145,16 +151,16 @@ class ParquetStore:
             return []
         if frame[dataset.instant_column].null_count():
             raise ValueError(f"{dataset.instant_column} has nulls; every stored row needs its UTC instant")
-        month = pl.col(dataset.instant_column).dt.convert_time_zone(LOCAL_TZ.key).dt.strftime("%Y-%m")
-        frame = frame.with_columns(month.alias("month"))
+        local_day = pl.col(dataset.instant_column).dt.convert_time_zone(LOCAL_TZ.key).dt.date()
+        frame = frame.with_columns(local_day.dt.strftime("%Y-%m").alias("month"), _block_start(dataset, local_day).alias("block"))
 
-        group_columns = [*dataset.partition_columns, "month", "entity_id"]
+        group_columns = [*dataset.partition_columns, "month", "block", "entity_id"]
         written = []
         for group_key, rows in frame.partition_by(group_columns, as_dict=True, maintain_order=True).items():
             values = dict(zip(group_columns, group_key, strict=True))
             path = self._file_path(dataset, values)
             with _lock_for(path):
-                self._merge_into(dataset, path, rows.drop([*dataset.partition_columns, "month"]))
+                self._merge_into(dataset, path, rows.drop([*dataset.partition_columns, "month", "block"]))
             written.append(path)
         return written
 
@@ -164,7 +170,7 @@ class ParquetStore:
         for column in dataset.partition_columns:
             folder = folder / f"{column}={_validate_partition_value(column, values[column])}"
         entity_id = validate_entity_id(values["entity_id"])
-        path = folder / f"month={values['month']}" / f"{entity_id}.parquet"
+        path = folder / f"month={values['month']}" / f"{entity_id}_{values['block']}.parquet"
 
         resolved = path.resolve()
         if not resolved.is_relative_to(self.data_dir):
@@ -189,6 +195,17 @@ class ParquetStore:
         merged = merged.sort(list(dataset.sort_key))
         _write_atomically(merged.to_arrow().select(dataset.file_schema.names).cast(dataset.file_schema), path)
         logger.debug("Wrote %d rows to %s (%d new, %d replaced)", merged.height, path, new_rows.height - replaced, replaced)
+
+
+def _block_start(dataset: _Dataset, local_day: pl.Expr) -> pl.Expr:
+    """Polars form of ``timeutil.file_block_start`` as an ISO date string."""
+    month_start = local_day.dt.month_start()
+    week_start = pl.max_horizontal(local_day.dt.truncate("1w"), month_start)
+    if dataset.fixed_resolution is not None:
+        block = month_start
+    else:
+        block = pl.when(pl.col("resolution").is_in(["raw", "15min"])).then(week_start).otherwise(month_start)
+    return block.dt.strftime("%Y-%m-%d")
 
 
 def _conform(table: pa.Table | pl.DataFrame, schema: pa.Schema) -> pa.Table:

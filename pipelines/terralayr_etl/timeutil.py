@@ -80,3 +80,21 @@ def parse_day(text: str, *, option: str = "date") -> date:
 def isoformat_z(instant: datetime) -> str:
     """Format a UTC instant as RFC 3339 with a ``Z`` suffix, as the API does."""
     return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def file_block_start(day: date, resolution: str) -> date:
+    """Return the first day of the storage block that holds ``day`` at ``resolution``.
+
+    A block is the unit of one Parquet file per entity: a week (from Monday) cut at month
+    boundaries for 15-minute and raw data, a month for hourly, daily and revenue buckets.
+    Request windows are planned as whole blocks, so a backfill writes each file once.
+    """
+    month_start = day.replace(day=1)
+    if resolution in ("raw", "15min"):
+        return max(day - timedelta(days=day.weekday()), month_start)
+    return month_start
+
+
+def block_boundaries(start: date, end: date, resolution: str) -> list[date]:
+    """Return the block starts inside ``(start, end)``: the days where a new file begins."""
+    return [day for day in day_range(start + timedelta(days=1), end) if file_block_start(day, resolution) == day]

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 from terralayr_etl.config import Settings
 from terralayr_etl.errors import ConfigError
-from terralayr_etl.timeutil import QUARTER_HOUR, local_midnight
+from terralayr_etl.timeutil import QUARTER_HOUR, block_boundaries, local_midnight
 
 REVENUE_RANGE_KEY = "revenue"
 """Key of ``api.max_range_days`` that limits revenue-bucket requests."""
@@ -23,17 +23,17 @@ Window = tuple[datetime, datetime]
 def plan_windows(resolution: str, start: date, end: date, settings: Settings) -> list[Window]:
     """Split the local delivery days ``[start, end)`` into data-point windows.
 
-    Each window covers whole local days (in ``pipeline.local_timezone``) and lasts at most
-    ``api.max_range_days[resolution]`` days of elapsed time. A day longer than the limit (any
-    day under a limit below one day, the 25-hour DST day under a one-day limit) is cut further
-    into windows of whole quarter-hours.
+    Each window covers whole local days (in ``pipeline.local_timezone``), at most
+    ``api.max_range_days[resolution]`` of them, and whole storage blocks
+    (``timeutil.file_block_start``) where the limit allows, so each Parquet file is written by
+    one window. A limit below one day cuts days into windows of whole quarter-hours.
 
     Example::
 
-        plan_windows("15min", date(2024, 10, 1), date(2024, 10, 21), settings)
-        # three windows of 7, 7 and 6 days, the first from 2024-09-30T22:00Z
+        plan_windows("15min", date(2024, 10, 20), date(2024, 11, 3), settings)
+        # [Oct 20], [Oct 21 .. Oct 27], [Oct 28 .. Nov 2]: blocks are weeks cut at month ends
     """
-    return _plan(_max_range_days(settings, resolution), start, end, settings)
+    return _plan(_max_range_days(settings, resolution), start, end, settings, resolution)
 
 
 def plan_bucket_windows(start: date, end: date, settings: Settings) -> list[Window]:
@@ -41,7 +41,7 @@ def plan_bucket_windows(start: date, end: date, settings: Settings) -> list[Wind
 
     The limit is ``api.max_range_days["revenue"]``.
     """
-    return _plan(_max_range_days(settings, REVENUE_RANGE_KEY), start, end, settings)
+    return _plan(_max_range_days(settings, REVENUE_RANGE_KEY), start, end, settings, "daily")
 
 
 def datapoint_request_range(start: datetime, end: datetime, settings: Settings) -> Window:
@@ -65,43 +65,38 @@ def _max_range_days(settings: Settings, key: str) -> float:
         ) from None
 
 
-def _plan(max_days: float, start: date, end: date, settings: Settings) -> list[Window]:
+def _plan(max_days: float, start: date, end: date, settings: Settings, resolution: str) -> list[Window]:
     local_tz = ZoneInfo(settings.pipeline.local_timezone)
-    limit = timedelta(days=max_days)
     windows = []
-    for first, stop in _split_local_days(start, end, max_days, local_tz):
+    for first, stop in _pack_blocks(start, end, max_days, resolution):
         window = (local_midnight(first, local_tz), local_midnight(stop, local_tz))
-        # Only a single local day can still exceed the limit: any day under a limit below
-        # one day, or the 25-hour autumn DST day under a limit below 25 hours.
-        if window[1] - window[0] > limit:
-            windows.extend(_split_fixed(window, limit))
+        if max_days < 1:
+            windows.extend(_split_fixed(window, timedelta(days=max_days)))
         else:
             windows.append(window)
     return windows
 
 
-def _split_local_days(start: date, end: date, max_days: float, local_tz: ZoneInfo) -> list[tuple[date, date]]:
-    """Split ``[start, end)`` into runs of whole local days no longer than ``max_days`` elapsed.
+def _pack_blocks(start: date, end: date, max_days: float, resolution: str) -> list[tuple[date, date]]:
+    """Split ``[start, end)`` into runs of whole storage blocks of at most ``max_days`` local days.
 
-    A run of ``int(max_days)`` local days that contains the autumn DST change lasts one hour
-    more than that many days. The limit is read as elapsed time, as the sandbox checks it, so
-    such a run is shortened by one day. A run always keeps at least one day.
+    The limit counts local delivery days, as the sandbox does, so a week holding the 25-hour
+    DST day is still 7 days. A block longer than the limit is cut into runs of the limit.
     """
     step_days = max(1, int(max_days))
-    limit = timedelta(days=max(1.0, max_days))
-    runs = []
-    first = start
-    while first < end:
-        stop = min(first + timedelta(days=step_days), end)
-        while stop - first > timedelta(days=1) and _elapsed(first, stop, local_tz) > limit:
-            stop -= timedelta(days=1)
-        runs.append((first, stop))
-        first = stop
+    edges = [start, *block_boundaries(start, end, resolution), end] if end > start else []
+    blocks = list(zip(edges, edges[1:]))
+    runs: list[tuple[date, date]] = []
+    for block_first, block_stop in blocks:
+        if runs and (block_stop - runs[-1][0]).days <= step_days and runs[-1][1] == block_first:
+            runs[-1] = (runs[-1][0], block_stop)
+            continue
+        first = block_first
+        while first < block_stop:
+            stop = min(first + timedelta(days=step_days), block_stop)
+            runs.append((first, stop))
+            first = stop
     return runs
-
-
-def _elapsed(first: date, stop: date, local_tz: ZoneInfo) -> timedelta:
-    return local_midnight(stop, local_tz) - local_midnight(first, local_tz)
 
 
 def _split_fixed(window: Window, max_length: timedelta) -> list[Window]:
