@@ -83,7 +83,7 @@ def _mismatches(expected: dict[datetime, dict[str, float | None]], frame: pl.Dat
     return problems
 
 
-# Independent implementations of the aggregation rules ------------------------------------------
+# Independent implementations of the aggregation rules.
 
 
 def _weighted(pairs: list[tuple[float | None, float]]) -> float | None:
@@ -159,7 +159,7 @@ def _expected_aggregate(
     return {period: _over_entities(members) for period, members in by_period.items()}
 
 
-# Replay and calendar ---------------------------------------------------------------------------
+# Replay and calendar.
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_replay_serves_date_outside_2024(engine, organisation):
     assert frame["settlement_price_fcr"].null_count() == 0
 
 
-def test_replay_dst_day_outside_2024_has_92_quarter_hours(engine, organisation):
+def test_replay_dst_day_outside_2024(engine, organisation):
     start, end = _day_window(date(2025, 3, 30))
     frame = engine.datapoints("virtual_asset", _asset_id(organisation, "VA-03"), "15min", start, end)
 
@@ -273,7 +273,7 @@ def test_local_hours_mark_repeated_hour():
     assert occurrences.tolist()[:5] == [0, 0, 0, 1, 0]
 
 
-# Dispatch --------------------------------------------------------------------------------------
+# Dispatch.
 
 
 def test_dispatch_days_respects_power_energy_and_cycles():
@@ -323,7 +323,7 @@ def test_engine_dispatch_within_limits(engine, organisation, name, day):
     assert (sell / asset.discharge_efficiency).sum() <= DAILY_CYCLE_LIMIT * energy_mwh + 1e-9
 
 
-# Identities ------------------------------------------------------------------------------------
+# Identities.
 
 
 def _value(row: dict, name: str) -> float:
@@ -433,7 +433,7 @@ def test_aggregate_net_off_nets_opposite_trades(engine, organisation):
     assert _mismatches(expected, frame) == []
 
 
-# Roll-ups --------------------------------------------------------------------------------------
+# Roll-ups.
 
 
 @pytest.mark.parametrize("resolution", ["hourly", "daily"])
@@ -470,7 +470,7 @@ def test_daily_period_is_complete_when_range_cuts_it(engine, organisation):
     assert cut.equals(whole)
 
 
-# Lifetimes -------------------------------------------------------------------------------------
+# Lifetimes.
 
 
 def _local_days(frame: pl.DataFrame) -> list[date]:
@@ -516,7 +516,7 @@ def test_aggregate_capacity_follows_active_members(engine, organisation):
         assert _close(row["revenue_total_revenue"] / capacity_mw, row["revenue_normalised_total"]), day
 
 
-# Determinism -----------------------------------------------------------------------------------
+# Determinism.
 
 
 def test_same_seed_gives_identical_output(organisation):
@@ -550,7 +550,7 @@ def test_cache_eviction_keeps_values(organisation):
     assert len(small_cache._cache) == 2
 
 
-# Revenue buckets -------------------------------------------------------------------------------
+# Revenue buckets.
 
 
 @pytest.mark.parametrize("product", list(PRODUCT_CATEGORIES))
@@ -579,7 +579,7 @@ def test_revenue_bucket_products_cover_total(engine, organisation):
     assert _close(daily["revenue_total_revenue"][0], products)
 
 
-# Errors ----------------------------------------------------------------------------------------
+# Errors.
 
 
 def test_unknown_entity_raises_key_error(engine):
@@ -605,7 +605,7 @@ def test_invalid_arguments_raise_value_error(engine, organisation):
         engine.revenue_buckets(asset_id, "capacity", start, end)
 
 
-# Organisation ----------------------------------------------------------------------------------
+# Organisation.
 
 
 def test_load_organisation_demo_config(organisation):
@@ -703,7 +703,7 @@ def test_synthetic_organisation_shape():
     assert all(asset.start == date(2024, 1, 1) and asset.end == date(2031, 1, 1) for asset in assets)
 
 
-# Market parameters -----------------------------------------------------------------------------
+# Market parameters.
 
 
 def test_market_parameters_name_their_sources():

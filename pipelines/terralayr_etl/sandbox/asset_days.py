@@ -26,7 +26,7 @@ FCR_SHARE_RANGE = (0.05, 0.30)
 AFRR_IDLE_PROBABILITY = 0.40
 AFRR_SHARE_RANGE = (0.05, 0.25)
 DAY_AHEAD_SHARE_RANGE = (0.5, 0.9)
-"""Share of a quarter-hour's traded volume bought or sold in the day-ahead auction; the rest trades intraday."""
+"""Share of a quarter-hour's traded volume bought or sold in the day-ahead auction, the rest intraday."""
 VBA_UPLIFT_RANGE = (1.0, 1.25)
 """Daily auction revenue as a multiple of the hurdle price."""
 
@@ -56,7 +56,7 @@ class AssetDay:
 
 @dataclass(frozen=True)
 class _AssetDraws:
-    """The seeded choices of one asset-day; shares are per EFA block."""
+    """The seeded choices of one asset-day, with shares per EFA block."""
 
     fcr_share: np.ndarray
     afrr_pos_share: np.ndarray

@@ -59,7 +59,7 @@ def dispatch_days(
     energy = energy_mwh[:, None]
     start_soc = start_soc_fraction * energy_mwh
 
-    # The most the state of charge can rise or fall in each step.
+    # Maximum rise and fall of the state of charge in each step, in MWh.
     charge_step = charge_power_mw * QUARTER_HOUR_H * charge_efficiency[:, None]
     discharge_step = discharge_power_mw * QUARTER_HOUR_H / discharge_efficiency[:, None]
 

@@ -1,4 +1,4 @@
-"""The 15-minute category frame of one virtual asset, built from its generated days.
+"""The 15-minute category frame of virtual-asset days, built from their generated values.
 
 Every documented category is derived here from the generated volumes and prices with the
 per-period definitions of the API: revenue identities, FCR weighted figures, normalised
@@ -138,10 +138,10 @@ def quarter_hour_frame(rows: Sequence[tuple[VirtualAssetSpec, MarketDay, AssetDa
         per_mw = values[category.revenue] / capacity_mw
         values[name] = per_mw * DAYS_PER_YEAR if category.per_year else per_mw
 
-    columns = [
-        pl.Series(PERIOD_START, period_us).cast(pl.Datetime("us")).dt.replace_time_zone("UTC"),
-        pl.Series(DAY_START, day_us).cast(pl.Datetime("us")).dt.replace_time_zone("UTC"),
-        pl.Series(CAPACITY_MW, capacity_mw),
-    ]
-    columns.extend(pl.Series(name, values[name], dtype=pl.Float64, nan_to_null=True) for name in CATEGORY_NAMES)
-    return pl.DataFrame(columns)
+    data = {PERIOD_START: period_us, DAY_START: day_us, CAPACITY_MW: capacity_mw}
+    data.update((name, values[name]) for name in CATEGORY_NAMES)
+    frame = pl.DataFrame(data, nan_to_null=True)
+    return frame.with_columns(
+        pl.col(PERIOD_START, DAY_START).cast(pl.Datetime("us")).dt.replace_time_zone("UTC"),
+        pl.col(CATEGORY_NAMES).cast(pl.Float64),
+    )

@@ -112,7 +112,7 @@ class DayAheadReplay:
         """Return prices indexed by [day of 2024, local hour, occurrence], gaps filled.
 
         A local hour missing from a day (DST start) takes the nearest existing hour, the earlier
-        one on a tie. A hour that occurs once has the same price at both occurrences.
+        one on a tie. An hour that occurs once has the same price at both occurrences.
         """
         try:
             frame = pl.read_csv(path, schema_overrides={"price_eur_mwh": pl.Float64})
@@ -264,7 +264,7 @@ class MarketDay:
     afrr_capacity_price_neg_eur_per_mw_h: np.ndarray
     afrr_energy_price_pos_eur_per_mwh: np.ndarray
     afrr_energy_price_neg_eur_per_mwh: np.ndarray
-    """Price the provider pays for downward energy (negative: the provider is paid)."""
+    """Price the provider pays for downward energy. A negative price means the provider is paid."""
     afrr_activated_share_pos: np.ndarray
     """Share of the reserved upward energy activated in each quarter-hour (0 when not activated)."""
     afrr_activated_share_neg: np.ndarray
@@ -275,7 +275,7 @@ class MarketDay:
 
 
 class Market:
-    """Builds and caches ``MarketDay`` values from the replay, the parameters and the seed."""
+    """Source of ``MarketDay`` values, built from the replay, the parameters and the seed and cached."""
 
     def __init__(
         self,
