@@ -317,14 +317,17 @@ def test_warehouse_virtual_assets_converted_to_mw(warehouse: Warehouse):
     assert json.loads(row[10]) == _virtual_asset()
 
 
-def test_warehouse_replace_virtual_assets_drops_old_rows(warehouse: Warehouse):
+def test_warehouse_replace_virtual_assets_keeps_undiscovered(warehouse: Warehouse):
     other_id = "9e16f4da-6d4c-5454-a2d4-0e45c049d6f7"
     warehouse.replace_virtual_assets([_virtual_asset(), _virtual_asset(other_id)])
 
+    # A later run that no longer discovers other_id (its lifetime ended) updates VA_ID only.
     warehouse.replace_virtual_assets([_virtual_asset(power_kw=1000), _virtual_asset(power_kw=3000)])
 
-    rows = warehouse.connection.execute("select virtual_asset_id, rated_charge_power_mw from virtual_assets").fetchall()
-    assert rows == [(VA_ID, 3.0)]
+    rows = warehouse.connection.execute(
+        "select virtual_asset_id, rated_charge_power_mw from virtual_assets order by virtual_asset_id"
+    ).fetchall()
+    assert rows == [(VA_ID, 3.0), (other_id, 2.5)]
 
 
 def test_warehouse_virtual_asset_rejects_other_unit(warehouse: Warehouse):
@@ -335,14 +338,16 @@ def test_warehouse_virtual_asset_rejects_other_unit(warehouse: Warehouse):
 
 
 def test_warehouse_replace_entity_members(warehouse: Warehouse):
-    warehouse.replace_entity_members([("fleet", "fleet-1", VA_ID)])
+    other_id = "9e16f4da-6d4c-5454-a2d4-0e45c049d6f7"
+    warehouse.replace_entity_members([("fleet", "fleet-1", VA_ID), ("fleet", "fleet-1", other_id)])
 
     warehouse.replace_entity_members(
         [("virtual_asset", VA_ID, VA_ID), ("portfolio", PORTFOLIO_ID, VA_ID), ("portfolio", PORTFOLIO_ID, VA_ID)]
     )
 
+    # VA_ID's memberships are replaced; other_id was not in the second call and keeps its row.
     rows = warehouse.connection.execute("select * from entity_members order by entity_type").fetchall()
-    assert rows == [("portfolio", PORTFOLIO_ID, VA_ID), ("virtual_asset", VA_ID, VA_ID)]
+    assert rows == [("fleet", "fleet-1", other_id), ("portfolio", PORTFOLIO_ID, VA_ID), ("virtual_asset", VA_ID, VA_ID)]
 
 
 def test_warehouse_entity_members_reject_unknown_type(warehouse: Warehouse):

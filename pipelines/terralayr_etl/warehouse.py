@@ -230,10 +230,12 @@ class Warehouse:
         return self._upsert_files(_UPSERT_REVENUE_BUCKETS, files, "revenue-bucket")
 
     def replace_virtual_assets(self, rows: list[dict[str, Any]]) -> None:
-        """Replace the whole virtual_assets table with virtual-asset objects as the API returns them.
+        """Insert or replace virtual-asset objects as the API returns them, keyed on their id.
 
-        Power in kW and energy in kWh become MW and MWh, and the object itself is kept in
-        ``raw_json``. Of two objects with the same id, the later one is kept.
+        Assets that this run did not discover (for example one whose lifetime ended before the
+        run's window) keep their stored row, because earlier data points still need their
+        capacity. Power in kW and energy in kWh become MW and MWh, and the object itself is
+        kept in ``raw_json``. Of two objects with the same id, the later one is kept.
         """
         by_id = {}
         for asset in rows:
@@ -242,12 +244,24 @@ class Warehouse:
         table = pa.Table.from_pylist(list(by_id.values()), schema=_VIRTUAL_ASSET_SCHEMA)
 
         with self._transaction():
-            self.connection.execute("delete from virtual_assets")
+            self.connection.register("_incoming_virtual_assets", table)
+            try:
+                self.connection.execute(
+                    "delete from virtual_assets where virtual_asset_id in "
+                    "(select virtual_asset_id from _incoming_virtual_assets)"
+                )
+            finally:
+                self.connection.unregister("_incoming_virtual_assets")
             self._insert_arrow("virtual_assets", table)
         logger.info("Stored %d virtual assets in %s", table.num_rows, self.path)
 
     def replace_entity_members(self, rows: list[tuple[str, str, str]]) -> None:
-        """Replace the whole entity_members table with (entity_type, entity_id, virtual_asset_id) rows."""
+        """Replace the memberships of the virtual assets named in ``rows``.
+
+        ``rows`` are (entity_type, entity_id, virtual_asset_id). Every stored membership of a
+        virtual asset that appears in ``rows`` is replaced by the new ones; virtual assets
+        absent from ``rows`` keep their last known memberships.
+        """
         members = sorted({_member_row(*row) for row in rows})
         table = pa.table(
             {
@@ -258,7 +272,14 @@ class Warehouse:
         )
 
         with self._transaction():
-            self.connection.execute("delete from entity_members")
+            self.connection.register("_incoming_members", table)
+            try:
+                self.connection.execute(
+                    "delete from entity_members where virtual_asset_id in "
+                    "(select virtual_asset_id from _incoming_members)"
+                )
+            finally:
+                self.connection.unregister("_incoming_members")
             self._insert_arrow("entity_members", table)
         logger.info("Stored %d entity members in %s", table.num_rows, self.path)
 
