@@ -1,0 +1,177 @@
+"""The ``terralayr-etl`` command line.
+
+User errors (bad config, bad credentials, malformed responses, a locked warehouse) print one
+line to stderr and exit with status 2; failed checks exit with status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+# Keep Prefect's local server from phoning home: this tool runs on machines without internet.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import typer  # noqa: E402
+
+from terralayr_etl.errors import TerralayrError  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fetch terralayr revenue data into Parquet and DuckDB, or serve the local sandbox API.",
+)
+
+StartOption = Annotated[str | None, typer.Option("--start", help="First local delivery day, YYYY-MM-DD.")]
+EndOption = Annotated[str | None, typer.Option("--end", help="Day after the last local delivery day (exclusive), YYYY-MM-DD.")]
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Folder for Parquet, the DuckDB file and quarantine. Default: data/.")]
+FaultsOption = Annotated[str | None, typer.Option("--faults", help="Sandbox fault injection, e.g. 'all' or '429=0.05,500=0.02'.")]
+
+
+def _data_dir(value: Path | None) -> Path:
+    from terralayr_etl.config import load_settings
+
+    return value or Path(load_settings().pipeline.data_dir)
+
+
+@app.command()
+def demo(
+    start: StartOption = "2024-10-20",
+    end: EndOption = "2024-11-03",
+    data_dir: DataDirOption = None,
+    faults: FaultsOption = None,
+) -> None:
+    """Start the sandbox on a free 127.0.0.1 port and run the whole nightly pipeline against it."""
+    from terralayr_etl.demo import run_demo
+    from terralayr_etl.timeutil import parse_day
+
+    code = run_demo(
+        start=parse_day(start, option="--start"),
+        end=parse_day(end, option="--end"),
+        data_dir=_data_dir(data_dir),
+        faults=faults,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def sandbox(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 8400,
+    seed: Annotated[int | None, typer.Option(help="Seed for the generated data (default from config/sandbox.toml).")] = None,
+    latency_ms: Annotated[float, typer.Option("--latency-ms", help="Delay added to every response, in milliseconds.")] = 0.0,
+    virtual_assets: Annotated[int | None, typer.Option("--virtual-assets", help="Serve a generated organisation of N virtual assets instead of the demo one.")] = None,
+    faults: FaultsOption = None,
+) -> None:
+    """Serve the stand-in terralayr API until stopped (Ctrl+C)."""
+    from terralayr_etl.sandbox.server import serve_forever
+
+    serve_forever(host=host, port=port, seed=seed, latency_ms=latency_ms, virtual_assets=virtual_assets, faults=faults)
+
+
+@app.command()
+def run(
+    start: StartOption = None,
+    end: EndOption = None,
+    resolution: Annotated[list[str] | None, typer.Option("--resolution", help="Resolution to fetch (repeat for several): raw, 15min, hourly, daily.")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Run the nightly flow against the API named by TERRALAYR_BASE_URL.
+
+    Without --start, the run starts at the warehouse's watermark minus the configured lookback.
+    """
+    from terralayr_etl.flows import run_nightly
+    from terralayr_etl.timeutil import parse_day
+
+    summary = run_nightly(
+        start=parse_day(start, option="--start") if start else None,
+        end=parse_day(end, option="--end") if end else None,
+        resolutions=resolution,
+        data_dir=_data_dir(data_dir),
+    )
+    _print_run(summary)
+    raise typer.Exit(0 if summary["checks"]["failed"] == 0 else 1)
+
+
+@app.command()
+def backfill(
+    start: Annotated[str, typer.Option("--start", help="First local delivery day, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option("--end", help="Day after the last local delivery day (exclusive), YYYY-MM-DD.")],
+    resolution: Annotated[list[str] | None, typer.Option("--resolution", help="Resolution to fetch (repeat for several).")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Fetch any range of local days, independent of the watermark."""
+    run(start=start, end=end, resolution=resolution, data_dir=data_dir)
+
+
+@app.command()
+def check(data_dir: DataDirOption = None) -> None:
+    """Rebuild the SQL models and re-run the checks; exit 1 when any check fails."""
+    from terralayr_etl.models import run_checks, run_models
+    from terralayr_etl.warehouse import Warehouse
+
+    path = _data_dir(data_dir) / "warehouse.duckdb"
+    if not path.exists():
+        raise TerralayrError(f"warehouse {path} not found; run 'terralayr-etl run' or 'terralayr-etl demo' first")
+    with Warehouse(path) as warehouse:
+        run_models(warehouse.connection)
+        summary = run_checks(warehouse.connection)
+    _print_checks(summary.by_check, summary.passed, summary.failed)
+    raise typer.Exit(0 if summary.failed == 0 else 1)
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help="Cron schedule in Europe/Berlin time.")] = "30 3 * * *",
+) -> None:
+    """Serve the nightly flow as a Prefect deployment on a cron schedule (Europe/Berlin)."""
+    from prefect.schedules import Cron
+
+    from terralayr_etl.flows import nightly
+
+    nightly.serve(name="nightly", schedules=[Cron(cron, timezone="Europe/Berlin")])
+
+
+def _print_checks(by_check: dict, passed: int, failed: int) -> None:
+    typer.echo(f"Checks: {passed} passed, {failed} failed")
+    for name, counts in sorted(by_check.items()):
+        typer.echo(f"  {name:<40} pass {counts.get('pass', 0):>7}  fail {counts.get('fail', 0):>5}")
+
+
+def _print_run(summary: dict) -> None:
+    typer.echo(
+        f"Run {summary['run_id']}: local days {summary['start']} to {summary['end']} (exclusive), "
+        f"{summary['windows']} windows, {summary['requests']} requests, {summary['retries']} retries, "
+        f"{summary['rows_loaded']} rows loaded"
+    )
+    checks = summary["checks"]
+    _print_checks(checks["by_check"], checks["passed"], checks["failed"])
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning project errors into one line and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per HTTP request drowns the progress lines; retries and errors are logged by the client.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app(standalone_mode=False)
+    except TerralayrError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
