@@ -1,0 +1,79 @@
+-- materialized: table
+-- Rated capacity of every entity on every delivery day it has data for: the sum of
+-- capacity_mw over the member virtual assets active on that day.
+-- Grain: one row per (entity_type, entity_id, local_day).
+
+with
+
+datapoints as (
+
+    select * from stg_datapoints
+
+),
+
+local_days as (
+
+    select * from stg_local_days
+
+),
+
+entity_members as (
+
+    select * from stg_entity_members
+
+),
+
+virtual_assets as (
+
+    select * from stg_virtual_assets
+
+),
+
+entity_days as (
+
+    select distinct
+        entity_type,
+        entity_id,
+        local_day
+
+    from datapoints
+
+),
+
+active_members as (
+
+    -- A member counts on a day when its lifetime overlaps the day. Lifetimes start and end
+    -- at local midnight, so such a member is active for the whole day.
+    select
+        entity_days.entity_type,
+        entity_days.entity_id,
+        entity_days.local_day,
+        virtual_assets.virtual_asset_id,
+        virtual_assets.capacity_mw
+
+    from entity_days
+    join local_days using (local_day)
+    join entity_members using (entity_type, entity_id)
+    join virtual_assets using (virtual_asset_id)
+    where virtual_assets.start_at < local_days.day_end
+        and virtual_assets.end_at > local_days.day_start
+
+),
+
+capacity as (
+
+    select
+        entity_days.entity_type,
+        entity_days.entity_id,
+        entity_days.local_day,
+
+        count(active_members.virtual_asset_id) as active_members,
+        sum(active_members.capacity_mw) as capacity_mw
+
+    from entity_days
+    left join active_members using (entity_type, entity_id, local_day)
+    group by all
+
+)
+
+select * from capacity
