@@ -100,7 +100,7 @@ def generate_asset_days(seed: int, pairs: Sequence[tuple[VirtualAssetSpec, Marke
     market_days = [market_day for _, market_day in pairs]
     draws = [_draw(seed, asset, market_day) for asset, market_day in pairs]
 
-    # Reserved MW per quarter-hour: each asset's block share applied to its rated power.
+    # Reserved MW per quarter-hour: each asset's block share times its capacity in MW.
     power_mw = kw_to_mw(np.array([asset.power_kw for asset in assets]))
     capacity_mw = np.array([asset.capacity_mw() for asset in assets])
     blocks = _padded([day.efa_block for day in market_days], 0).astype(np.int64)
@@ -108,8 +108,8 @@ def generate_asset_days(seed: int, pairs: Sequence[tuple[VirtualAssetSpec, Marke
     pos_mw = np.take_along_axis(np.stack([d.afrr_pos_share for d in draws]), blocks, axis=1) * capacity_mw[:, None]
     neg_mw = np.take_along_axis(np.stack([d.afrr_neg_share for d in draws]), blocks, axis=1) * capacity_mw[:, None]
 
-    # FCR is symmetric and holds back both directions; aFRR up limits discharging and aFRR
-    # down limits charging.
+    # FCR is symmetric, so it holds back both directions. aFRR up limits discharging and
+    # aFRR down limits charging.
     day_ahead = _padded([day.day_ahead_eur_per_mwh for day in market_days], np.nan)
     is_step = ~np.isnan(day_ahead)
     charge_mw = np.where(is_step, power_mw[:, None] - fcr_mw - neg_mw, 0.0)
