@@ -20,6 +20,12 @@ from terralayr_etl.ids import validate_entity_id
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = Path(os.environ.get("TERRALAYR_CONFIG_DIR", PROJECT_ROOT / "config"))
+"""The config folder when this module was imported; ``config_dir()`` reads the variable again."""
+
+
+def config_dir() -> Path:
+    """Return the folder named by ``TERRALAYR_CONFIG_DIR`` now, or ``config/`` of the project."""
+    return Path(os.environ.get("TERRALAYR_CONFIG_DIR", PROJECT_ROOT / "config"))
 
 RESOLUTIONS = ("raw", "15min", "hourly", "daily")
 ENTITY_TYPES = ("virtual_asset", "portfolio", "fleet", "physical_asset")
@@ -104,6 +110,8 @@ class PipelineSettings(_Strict):
     local_timezone: str = "Europe/Berlin"
     history_start: date = date(2024, 1, 1)
     fetch_revenue_buckets: bool = True
+    refetch_attempts: int = Field(default=3, ge=0, le=20)
+    """Extra fetches of a window whose response could not be parsed or lacks a requested category."""
 
     @field_validator("resolutions")
     @classmethod
@@ -169,7 +177,7 @@ def _format_validation_error(path: Path, exc: ValidationError) -> str:
 
 def load_settings(path: Path | None = None, *, base_url: str | None = None) -> Settings:
     """Load ``config/terralayr.toml`` and apply ``TERRALAYR_BASE_URL`` (or ``base_url``)."""
-    path = path or CONFIG_DIR / "terralayr.toml"
+    path = path or config_dir() / "terralayr.toml"
     raw = _read_toml(path)
     override = base_url or os.environ.get("TERRALAYR_BASE_URL")
     if override:

@@ -32,7 +32,24 @@ class RangeTooLargeError(ApiError):
 
 
 class MalformedResponseError(TerralayrError):
-    """A response body could not be parsed into data points."""
+    """A response body could not be parsed into data points.
+
+    ``body``, ``endpoint`` and ``params`` describe the response when the raiser has them, so
+    the pipeline can quarantine the payload with its request.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        body: bytes | None = None,
+        endpoint: str | None = None,
+        params: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.body = body
+        self.endpoint = endpoint
+        self.params = params
 
 
 class WarehouseLockedError(TerralayrError):
