@@ -95,6 +95,10 @@ create table if not exists runs (
     check_summary json
 );
 
+-- Added after the first release; warehouses created before keep working.
+alter table runs add column if not exists failed_windows json;
+alter table runs add column if not exists report json;
+
 create table if not exists watermarks (
     entity_type varchar not null,
     entity_id varchar not null,
@@ -304,11 +308,13 @@ class Warehouse:
         retries: int,
         rows: int,
         check_summary: dict[str, Any],
+        failed_windows: list[dict[str, Any]] | None = None,
+        report: dict[str, Any] | None = None,
     ) -> None:
-        """Record a run's end time, status, counts and check summary."""
+        """Record a run's end time, status, counts, check summary, failed windows and report."""
         updated = self.connection.execute(
             "update runs set finished_at = ?, status = ?, windows = ?, requests = ?, retries = ?, rows = ?, "
-            "check_summary = ?::json where run_id = ?",
+            "check_summary = ?::json, failed_windows = ?::json, report = ?::json where run_id = ?",
             [
                 datetime.now(UTC),
                 status,
@@ -317,11 +323,34 @@ class Warehouse:
                 retries,
                 rows,
                 json.dumps(check_summary, sort_keys=True, default=str),
+                json.dumps(failed_windows or [], sort_keys=True, default=str),
+                json.dumps(report or {}, sort_keys=True, default=str),
                 run_id,
             ],
         ).fetchone()
         if not updated or updated[0] == 0:
             raise TerralayrError(f"run {run_id!r} is not recorded in {self.path}; call start_run before finish_run")
+
+    def mark_unfinished_runs(self, status: str = "killed") -> list[str]:
+        """Set ``status`` on runs still recorded as ``running`` and return their ids.
+
+        Call this while holding the warehouse: no other process can be running then, so a
+        ``running`` row belongs to a process that was killed or lost power.
+        """
+        rows = self.connection.execute(
+            "update runs set status = ?, finished_at = ? where status = 'running' returning run_id",
+            [status, datetime.now(UTC)],
+        ).fetchall()
+        return sorted(row[0] for row in rows)
+
+    def watermarks(self, resolutions: Sequence[str]) -> dict[tuple[str, str, str], datetime]:
+        """Return every watermark at these resolutions, keyed by (entity_type, entity_id, resolution)."""
+        rows = self.connection.execute(
+            "select entity_type, entity_id, resolution, watermark from watermarks "
+            "where list_contains($resolutions, resolution)",
+            {"resolutions": list(resolutions)},
+        ).fetchall()
+        return {(entity_type, entity_id, resolution): _as_utc(watermark) for entity_type, entity_id, resolution, watermark in rows}
 
     def get_watermark(self, entity_type: str, entity_id: str, resolution: str) -> datetime | None:
         """Return the stored watermark of one entity and resolution in UTC, or None."""
@@ -354,11 +383,14 @@ class Warehouse:
                 on_conflict="(entity_type, entity_id, resolution) do update set watermark = excluded.watermark",
             )
 
-    def update_watermarks(self, resolutions: Sequence[str]) -> int:
+    def update_watermarks(self, resolutions: Sequence[str], exclude: Sequence[tuple[str, str, str]] = ()) -> int:
         """Set each entity's watermark to its latest loaded period_start, per resolution.
 
-        Returns the number of watermarks written.
+        ``exclude`` lists (entity_type, entity_id, resolution) keys that keep their stored
+        watermark, such as those with a window that failed in this run, so that the next
+        nightly run fetches that window again. Returns the number of watermarks written.
         """
+        excluded = [f"{entity_type}/{entity_id}/{resolution}" for entity_type, entity_id, resolution in exclude]
         with self._transaction():
             written = self.connection.execute(
                 """
@@ -366,10 +398,11 @@ class Warehouse:
                 select entity_type, entity_id, resolution, max(period_start)
                 from datapoints
                 where list_contains($resolutions, resolution)
+                    and not list_contains($excluded, entity_type || '/' || entity_id || '/' || resolution)
                 group by all
                 on conflict (entity_type, entity_id, resolution) do update set watermark = excluded.watermark
                 """,
-                {"resolutions": list(resolutions)},
+                {"resolutions": list(resolutions), "excluded": excluded},
             ).fetchone()
         return written[0] if written else 0
 
