@@ -3,7 +3,8 @@
 The engine generates each virtual asset's 15-minute values per local delivery day, caches
 them (least recently used dropped first), and derives aggregates, hourly and daily values
 from them with the rules in ``terralayr_etl.categories``. The same seed always gives the
-same values, whatever ranges were requested before.
+same values, whatever ranges were requested before, unless late corrections (an optional
+``Corrections`` hook, set by the sandbox's fault injection) scale the EUR values of some days.
 
 >>> from terralayr_etl.sandbox.organisation import load_organisation
 >>> engine = Engine(load_organisation())
@@ -16,19 +17,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import polars as pl
 
-from terralayr_etl.categories import CATEGORY_NAMES
+from terralayr_etl.categories import CATEGORIES, CATEGORY_NAMES
 from terralayr_etl.config import RESOLUTIONS
 from terralayr_etl.sandbox.aggregate import combine_entities, roll_up
 from terralayr_etl.sandbox.asset_days import AssetDay, generate_asset_days
 from terralayr_etl.sandbox.frames import PERIOD_START, empty_frame, quarter_hour_frame
-from terralayr_etl.sandbox.market import Market
+from terralayr_etl.sandbox.market import Market, MarketDay
 from terralayr_etl.sandbox.organisation import Organisation, VirtualAssetSpec
 from terralayr_etl.timeutil import day_range, local_day_of, local_midnight
 
@@ -45,6 +47,20 @@ PRODUCT_CATEGORIES: dict[str, tuple[str, ...]] = {
 DEFAULT_CACHE_ASSET_DAYS = 8192
 """Default number of cached (virtual asset, day) entries. An entry holds 13 arrays of at most 100
 float64 values, about 11 KB, so a full cache takes an estimated 90 MB."""
+
+EUR_CATEGORIES: tuple[str, ...] = tuple(name for name, category in CATEGORIES.items() if "EUR" in category.unit)
+"""Categories denominated in EUR (revenues, VWAPs, prices, normalised revenue), which late
+corrections scale. Every rule that derives one of them is linear in EUR values with weights
+that are not in EUR, so scaling them at the 15-minute virtual-asset level keeps every identity
+and roll-up."""
+
+
+class Corrections(Protocol):
+    """Late corrections of delivery days, applied by the engine before any aggregation."""
+
+    def factors(self, days: Sequence[date]) -> dict[date, float]:
+        """Record ``days`` as served and return the factor of each corrected day among them."""
+        ...
 
 
 def _as_utc(instant: datetime, name: str) -> datetime:
@@ -68,8 +84,12 @@ class Engine:
         parameters_path: Path | None = None,
         prices_path: Path | None = None,
         cache_asset_days: int = DEFAULT_CACHE_ASSET_DAYS,
+        corrections: Corrections | None = None,
     ):
         self.organisation = organisation
+        # Corrections scale the values on every request, after the cache, which keeps the
+        # uncorrected values and so needs no invalidation when a correction starts.
+        self.corrections = corrections
         self.seed = organisation.seed if seed is None else seed
         self.market = Market(self.seed, parameters_path=parameters_path, prices_path=prices_path)
         self._cache: OrderedDict[tuple[str, date], AssetDay] = OrderedDict()
@@ -111,6 +131,8 @@ class Engine:
             return empty_frame().select(PERIOD_START, *CATEGORY_NAMES)
 
         stacked = quarter_hour_frame(rows)
+        if self.corrections is not None:
+            stacked = _apply_corrections(stacked, rows, self.corrections.factors(days))
         quarter_hours = stacked if entity_type == "virtual_asset" else combine_entities(stacked)
         result = roll_up(quarter_hours, resolution)
         period_us = pl.col(PERIOD_START).dt.epoch("us")
@@ -165,3 +187,15 @@ class Engine:
             while len(self._cache) > self._cache_asset_days:
                 self._cache.popitem(last=False)
         return found
+
+
+def _apply_corrections(
+    stacked: pl.DataFrame, rows: Sequence[tuple[VirtualAssetSpec, MarketDay, AssetDay]], factors: dict[date, float]
+) -> pl.DataFrame:
+    """Scale the EUR categories of the stacked 15-minute rows whose delivery day has a factor."""
+    if not factors:
+        return stacked
+    counts = [market_day.quarter_hours for _, market_day, _ in rows]
+    row_factors = np.repeat([factors.get(market_day.day, 1.0) for _, market_day, _ in rows], counts)
+    factor = pl.Series("_correction_factor", row_factors, dtype=pl.Float64)
+    return stacked.with_columns(pl.col(name) * factor for name in EUR_CATEGORIES)
