@@ -328,6 +328,8 @@ def create_app(
     """Build the sandbox ASGI app for one organisation.
 
     ``latency_ms`` adds a fixed delay to every response, to stand in for a network round trip.
+    ``faults`` is a fault spec (docs/faults.md). Its FaultPlan is ``app.state.fault_plan``
+    (None without faults), and a ``corrections`` mode becomes the engine's corrections hook.
     """
     api = SandboxApi(settings, organisation, engine or Engine(organisation))
     paths = settings.api.paths
@@ -342,10 +344,15 @@ def create_app(
         routes.append(Route(paths.revenue(product), _bind(api.revenue, route_product=product)))
     app = Starlette(routes=routes)
     app.state.api = api
+    app.state.fault_plan = None
     if faults:
         from terralayr_etl.sandbox.faults import FaultMiddleware, parse_fault_spec
 
-        app.add_middleware(FaultMiddleware, plan=parse_fault_spec(faults, seed=organisation.seed))
+        plan = parse_fault_spec(faults, seed=organisation.seed)
+        if plan.corrections is not None:
+            api.engine.corrections = plan.corrections
+        app.state.fault_plan = plan
+        app.add_middleware(FaultMiddleware, plan=plan, authenticate_path=paths.authenticate)
     if latency_ms > 0:
         app.add_middleware(LatencyMiddleware, seconds=latency_ms / 1000)
     return app
