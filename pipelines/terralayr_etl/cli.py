@@ -1,7 +1,10 @@
 """The ``terralayr-etl`` command line.
 
-User errors (bad config, bad credentials, malformed responses, a locked warehouse) print one
-line to stderr and exit with status 2; failed checks exit with status 1.
+Exit status: 0 when the run loaded every window and every check passed; 1 when a check
+failed; 2 for a user error (bad config, missing credentials, wrong password, unknown
+resolution, a locked warehouse), printed as one line on stderr without a traceback; 3 when
+the run finished but left windows or virtual assets out, named in one line on stderr with
+the quarantine folder that holds the details.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -82,19 +86,22 @@ def run(
 ) -> None:
     """Run the nightly flow against the API named by TERRALAYR_BASE_URL.
 
-    Without --start, the run starts at the warehouse's watermark minus the configured lookback.
+    Without --start, each entity and resolution starts at its own watermark minus the
+    configured lookback (pipeline.history_start when it has none).
     """
     from terralayr_etl.flows import run_nightly
     from terralayr_etl.timeutil import parse_day
 
+    data_path = _data_dir(data_dir)
+    _preflight(start, end, resolution, data_path)
     summary = run_nightly(
         start=parse_day(start, option="--start") if start else None,
         end=parse_day(end, option="--end") if end else None,
         resolutions=resolution,
-        data_dir=_data_dir(data_dir),
+        data_dir=data_path,
     )
     _print_run(summary)
-    raise typer.Exit(0 if summary["checks"]["failed"] == 0 else 1)
+    raise typer.Exit(exit_code(summary))
 
 
 @app.command()
@@ -136,6 +143,37 @@ def serve(
     nightly.serve(name="nightly", schedules=[Cron(cron, timezone="Europe/Berlin")])
 
 
+def _preflight(start: str | None, end: str | None, resolutions: list[str] | None, data_dir: Path) -> None:
+    """Check settings, dates, resolutions, credentials, one authentication and the warehouse
+    lock before the flow starts, so a user error ends in one line instead of a failed flow run."""
+    from terralayr_etl.client import ApiClient
+    from terralayr_etl.config import load_credentials, load_settings
+    from terralayr_etl.pipeline import check_resolutions, resolve_span
+    from terralayr_etl.timeutil import local_midnight
+    from terralayr_etl.warehouse import Warehouse
+
+    settings = load_settings()
+    check_resolutions(resolutions or settings.pipeline.resolutions, settings)
+    span = resolve_span(start, end, settings)
+    credentials = load_credentials()
+    with ApiClient(settings, credentials) as client:
+        last_day = span.end_day - timedelta(days=1)
+        client.verify_access(local_midnight(last_day), local_midnight(span.end_day))
+    # Opening the warehouse takes its lock for a moment, which fails at once while another
+    # process holds it. A process that takes it after this check still gets the same error.
+    with Warehouse(data_dir / "warehouse.duckdb"):
+        pass
+
+
+def exit_code(summary: dict) -> int:
+    """Return the exit status for a finished run, printing the one-line error of a failed one."""
+    from terralayr_etl.run_report import exit_status, failure_line
+
+    if summary["status"] == "failed":
+        typer.echo(f"error: {failure_line(summary)}", err=True)
+    return exit_status(summary)
+
+
 def _print_checks(by_check: dict, passed: int, failed: int) -> None:
     typer.echo(f"Checks: {passed} passed, {failed} failed")
     for name, counts in sorted(by_check.items()):
@@ -144,7 +182,7 @@ def _print_checks(by_check: dict, passed: int, failed: int) -> None:
 
 def _print_run(summary: dict) -> None:
     typer.echo(
-        f"Run {summary['run_id']}: local days {summary['start']} to {summary['end']} (exclusive), "
+        f"Run {summary['run_id']} ({summary['status']}): local days {summary['start']} to {summary['end']} (exclusive), "
         f"{summary['windows']} windows, {summary['requests']} requests, {summary['retries']} retries, "
         f"{summary['rows_loaded']} rows loaded"
     )

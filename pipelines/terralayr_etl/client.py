@@ -112,8 +112,17 @@ class ApiClient:
         _check_window(start, end)
         path = self.settings.api.paths.virtual_assets.format(organisation_id=self._credentials.organisation_id)
         parameters = self.settings.api.parameters
-        response = self._get(path, {parameters.start: isoformat_z(start), parameters.end: isoformat_z(end)})
-        return _json_array_of_objects(path, response.content)
+        params = {parameters.start: isoformat_z(start), parameters.end: isoformat_z(end)}
+        response = self._get(path, params)
+        return _json_array_of_objects(path, params, response.content)
+
+    def verify_access(self, day_start: datetime, day_end: datetime) -> int:
+        """Authenticate and list the organisation's virtual assets in ``[day_start, day_end]``.
+
+        A cheap call that fails early with AuthenticationError for wrong credentials or
+        ApiError for a wrong organisation id or an unreachable API. Returns the asset count.
+        """
+        return len(self.list_virtual_assets(day_start, day_end))
 
     def fetch_datapoints(
         self,
@@ -152,7 +161,7 @@ class ApiClient:
         # Buckets are selected by their start in [start, end), so the end is sent unchanged.
         params = {parameters.start: isoformat_z(start), parameters.end: isoformat_z(end)}
         response = self._get(path, params)
-        _json_array_of_objects(path, response.content)
+        _json_array_of_objects(path, params, response.content)
         return RawResponse(response.content, path, params, start, end, datetime.now(UTC))
 
     def _datapoints_path(self, entity_type: str, entity_id: str) -> str:
@@ -215,13 +224,16 @@ class ApiClient:
             response = self._get(path, page_params)
             pages.append(RawResponse(response.content, path, page_params, start, end, datetime.now(UTC)))
 
-            cursor = _next_cursor(path, response.content)
+            cursor = _next_cursor(path, page_params, response.content)
             if cursor is None:
                 return pages
             if cursor in seen_cursors:
                 raise MalformedResponseError(
                     f"GET {path} returned the continuation cursor {cursor!r} a second time, so paging would "
-                    "never end; check that the server at api.base_url implements the cursor contract"
+                    "never end; check that the server at api.base_url implements the cursor contract",
+                    body=response.content,
+                    endpoint=path,
+                    params=page_params,
                 )
             seen_cursors.add(cursor)
             page_params = {**params, parameters.cursor: cursor}
@@ -280,30 +292,39 @@ def _fix_for_status(status_code: int) -> str:
     return "the API is unavailable; retry later, or raise retry.attempts or retry.total_timeout_seconds"
 
 
-def _next_cursor(path: str, body: bytes) -> str | None:
+def _next_cursor(path: str, params: dict[str, str], body: bytes) -> str | None:
     try:
         page = msgspec.json.decode(body, type=_PageInfo)
     except msgspec.DecodeError as exc:
         raise MalformedResponseError(
             f"GET {path} returned a body that is not a JSON object with nextCursor a string or null ({exc}); "
-            "check that api.base_url points at the terralayr API"
+            "check that api.base_url points at the terralayr API",
+            body=body,
+            endpoint=path,
+            params=params,
         ) from None
     if page.nextCursor is None:
         return None
     return str(page.nextCursor)
 
 
-def _json_array_of_objects(path: str, body: bytes) -> list[dict[str, Any]]:
+def _json_array_of_objects(path: str, params: dict[str, str], body: bytes) -> list[dict[str, Any]]:
     try:
         items = json.loads(body)
     except ValueError as exc:
         raise MalformedResponseError(
             f"GET {path} returned a body that is not valid JSON ({exc}); "
-            "check that api.base_url points at the terralayr API"
+            "check that api.base_url points at the terralayr API",
+            body=body,
+            endpoint=path,
+            params=params,
         ) from None
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise MalformedResponseError(
             f"GET {path} returned JSON that is not an array of objects (got {type(items).__name__}); "
-            "check that api.base_url points at the terralayr API"
+            "check that api.base_url points at the terralayr API",
+            body=body,
+            endpoint=path,
+            params=params,
         )
     return items

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import date
 from pathlib import Path
 
 import duckdb
 
 from terralayr_etl.config import load_settings
+from terralayr_etl.run_report import exit_status, failure_line
 from terralayr_etl.sandbox.organisation import load_organisation
 from terralayr_etl.sandbox.server import SandboxServer
 
@@ -30,7 +32,9 @@ def run_demo(*, start: date, end: date, data_dir: Path, faults: str | None = Non
         summary = run_nightly(start=start, end=end, data_dir=data_dir, settings=load_settings())
 
     print_summary(summary, data_dir)
-    return 0 if summary["checks"]["failed"] == 0 else 1
+    if summary["status"] == "failed":
+        print(f"error: {failure_line(summary)}", file=sys.stderr)
+    return exit_status(summary)
 
 
 def print_summary(summary: dict, data_dir: Path) -> None:

@@ -1,8 +1,13 @@
 """Prefect flow ``nightly``: discover, fetch per (entity, resolution, window), load, model, check.
 
-The flow stays thin; the work lives in ``pipeline.py``, ``warehouse.py`` and ``models.py``.
-Objects that cannot travel as task parameters (the pooled HTTP client, the Parquet store) sit in
-a per-run registry keyed by run id, so tasks receive only plain values.
+The flow stays thin; the work lives in ``pipeline.py``, ``fetching.py``, ``boundaries.py``,
+``warehouse.py`` and ``models.py``. Objects that cannot travel as task parameters (the pooled
+HTTP client, the Parquet store, the quarantine) sit in a per-run registry keyed by run id, so
+tasks receive only plain values.
+
+A window that fails (the API kept failing, or its payload could not be parsed) does not stop
+the run: the other windows are loaded, the run is recorded with status ``failed`` and its
+failed windows, and the caller gets the list.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -21,30 +27,64 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from terralayr_etl import __version__
+from terralayr_etl.boundaries import BoundaryReport, resolve_outside_rows
 from terralayr_etl.client import ApiClient
 from terralayr_etl.config import Settings, load_credentials, load_settings
+from terralayr_etl.errors import ApiError, TerralayrError
+from terralayr_etl.fetching import fetch_window
 from terralayr_etl.models import run_checks, run_models
 from terralayr_etl.pipeline import (
     Discovery,
     FetchJob,
+    RunSpan,
     WindowResult,
-    default_end_day,
+    check_resolutions,
     discover,
-    fetch_window,
-    lookback_start,
     plan_jobs,
+    plan_starts,
+    resolve_span,
 )
+from terralayr_etl.quarantine import Quarantine
+from terralayr_etl.responses import RETRY_STATUS_CODES
+from terralayr_etl.run_report import FailedWindow, build_report, log_report
 from terralayr_etl.storage import ParquetStore
-from terralayr_etl.timeutil import parse_day
+from terralayr_etl.timeutil import local_day_of
 from terralayr_etl.warehouse import Warehouse
 
 logger = logging.getLogger("terralayr_etl.flows")
+
+FETCH_TASK_RETRIES = 2
+FETCH_TASK_RETRY_DELAY_SECONDS = 2
+
+
+class _NoTracebackForProjectErrors(logging.Filter):
+    """Drop the traceback Prefect attaches to a failed task or flow run when the error is a
+    TerralayrError: its message already names the value and the fix."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TerralayrError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def install_traceback_filter() -> None:
+    """Attach the filter to Prefect's flow-run and task-run loggers, once."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        prefect_logger = logging.getLogger(name)
+        if not any(isinstance(existing, _NoTracebackForProjectErrors) for existing in prefect_logger.filters):
+            prefect_logger.addFilter(_NoTracebackForProjectErrors())
+
+
+install_traceback_filter()
 
 
 @dataclass
 class _Runtime:
     client: ApiClient
     store: ParquetStore
+    quarantine: Quarantine
+    refetch_attempts: int
 
 
 _RUNTIMES: dict[str, _Runtime] = {}
@@ -56,22 +96,57 @@ def _runtime(run_id: str) -> _Runtime:
         return _RUNTIMES[run_id]
 
 
-@task(name="discover", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, persist_result=False)
+def _retry_transient_failures(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry after an API failure that may pass, not after a malformed
+    payload (already fetched again inside the task) or a rejected request."""
+    try:
+        state.result()
+    except ApiError as exc:
+        return exc.status_code is None or exc.status_code in RETRY_STATUS_CODES
+    except Exception:
+        return False
+    return False
+
+
+@task(name="discover", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, persist_result=False,
+      retry_condition_fn=_retry_transient_failures)
 def discover_task(run_id: str, settings: Settings, start_day: date, end_day: date) -> Discovery:
-    return discover(_runtime(run_id).client, settings, start_day, end_day)
+    runtime = _runtime(run_id)
+    return discover(
+        runtime.client,
+        settings,
+        start_day,
+        end_day,
+        quarantine=runtime.quarantine,
+        refetch_attempts=runtime.refetch_attempts,
+    )
 
 
 # NO_CACHE: a task run must never return the result of another window or entity, and a
 # retried task must fetch again instead of replaying a stored result.
-@task(name="fetch-window", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="fetch-window",
+    retries=FETCH_TASK_RETRIES,
+    retry_delay_seconds=FETCH_TASK_RETRY_DELAY_SECONDS,
+    retry_condition_fn=_retry_transient_failures,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def fetch_window_task(run_id: str, job: FetchJob) -> WindowResult:
     runtime = _runtime(run_id)
-    return fetch_window(runtime.client, runtime.store, job, run_id)
+    return fetch_window(
+        runtime.client,
+        runtime.store,
+        job,
+        run_id,
+        quarantine=runtime.quarantine,
+        refetch_attempts=runtime.refetch_attempts,
+    )
 
 
 @task(name="load", cache_policy=NO_CACHE, persist_result=False)
-def load_task(warehouse: Warehouse, discovery: Discovery, results: list[WindowResult]) -> int:
-    datapoint_files = sorted({path for result in results if not result.job.product for path in result.files})
+def load_task(warehouse: Warehouse, discovery: Discovery, results: list[WindowResult], extra_files: list[str]) -> int:
+    datapoint_files = sorted({path for result in results if not result.job.product for path in result.files} | set(extra_files))
     bucket_files = sorted({path for result in results if result.job.product for path in result.files})
     warehouse.replace_virtual_assets(list(discovery.virtual_assets))
     warehouse.replace_entity_members(list(discovery.members))
@@ -91,30 +166,64 @@ def model_and_check_task(warehouse: Warehouse) -> dict:
     return asdict(summary)
 
 
-def _check_markdown(summary: dict) -> str:
+def _fetch_all(run_id: str, jobs: list[FetchJob]) -> tuple[list[WindowResult], list[FailedWindow]]:
+    """Fetch every window on the task runner's thread pool, logging progress every tenth.
+
+    A window whose task failed with a TerralayrError becomes a FailedWindow; any other error
+    is a bug and is raised. Results come back sorted by window, not by completion time.
+    """
+    log = get_run_logger()
+    futures = list(fetch_window_task.map(run_id, jobs))
+    job_of = {future.task_run_id: job for future, job in zip(futures, jobs, strict=True)}
+    results: list[WindowResult] = []
+    failures: list[FailedWindow] = []
+    step = max(1, len(jobs) // 10)
+    for done, future in enumerate(as_completed(futures), start=1):
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, TerralayrError):
+            failures.append(FailedWindow(job_of[future.task_run_id], type(outcome).__name__, str(outcome)))
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            results.append(outcome)
+        if done % step == 0 or done == len(jobs):
+            log.info("Fetched %d of %d windows (%d failed)", done, len(jobs), len(failures))
+    results.sort(key=lambda result: _job_order(result.job))
+    failures.sort(key=lambda failure: _job_order(failure.job))
+    return results, failures
+
+
+def _job_order(job: FetchJob) -> tuple:
+    return job.entity_type, job.entity_id, job.product or "", job.resolution, job.window_start
+
+
+def _quarantine_failures(quarantine: Quarantine, failures: list[FailedWindow]) -> None:
+    for failure in failures:
+        quarantine.add(
+            f"{failure.job.slug()}-failed",
+            f"{failure.error_type}: {failure.error}",
+            request={"path": None, "params": None},
+            window=failure.job.as_dict(),
+        )
+
+
+def _check_markdown(summary: dict, failures: list[FailedWindow], quarantine_dir: str | None) -> str:
     lines = ["| check | passed | failed |", "|---|---|---|"]
     for name, counts in sorted(summary["by_check"].items()):
         lines.append(f"| {name} | {counts.get('pass', 0)} | {counts.get('fail', 0)} |")
+    if failures:
+        lines += ["", f"{len(failures)} windows were not loaded; details in `{quarantine_dir}`:", ""]
+        lines += [f"- {failure.job.describe()}: {failure.error_type}" for failure in failures[:50]]
     return "\n".join(lines)
 
 
-def _fetch_all(run_id: str, jobs: list[FetchJob]) -> list[WindowResult]:
-    """Fetch every window on the task runner's thread pool, logging progress every tenth."""
-    log = get_run_logger()
-    futures = fetch_window_task.map(run_id, jobs)
-    results = []
-    step = max(1, len(jobs) // 10)
-    for future in as_completed(list(futures)):
-        results.append(future.result())
-        if len(results) % step == 0 or len(results) == len(jobs):
-            log.info("Fetched %d of %d windows", len(results), len(jobs))
-    return results
-
-
-def _start_day(warehouse: Warehouse, settings: Settings, resolutions: list[str]) -> date:
-    """The incremental start: the earliest watermark minus the lookback, or the history start."""
-    watermark = warehouse.earliest_watermark(resolutions)
-    return lookback_start(watermark, settings)
+def _plan(run_id: str, settings: Settings, warehouse: Warehouse, span: RunSpan, resolutions: list[str]) -> tuple[Discovery, list[FetchJob]]:
+    discovery = discover_task(run_id, settings, span.first_day, span.end_day)
+    starts = None
+    if span.incremental:
+        starts = plan_starts(discovery, resolutions, warehouse.watermarks(resolutions), settings)
+    jobs = plan_jobs(discovery, settings, resolutions, span.first_day, span.end_day, starts)
+    return discovery, jobs
 
 
 @flow(name="nightly", persist_result=False, validate_parameters=False)
@@ -124,35 +233,49 @@ def nightly(
     resolutions: list[str] | None = None,
     data_dir: str | None = None,
 ) -> dict:
-    """Fetch ``[start, end)`` (local days; default: from the watermark minus the lookback to
-    today), load it into DuckDB, build the SQL models and run the checks.
+    """Fetch ``[start, end)`` (local days), load it into DuckDB, build the SQL models and run the checks.
 
-    Credentials are read from the environment inside the run and are never flow parameters.
+    Without ``start`` each entity and resolution starts at its own watermark's local day minus
+    ``pipeline.lookback_days``, or at ``pipeline.history_start`` without a watermark. Without
+    ``end`` the run stops before today. Credentials are read from the environment inside the
+    run and are never flow parameters.
     """
     settings = load_settings()
     credentials = load_credentials()
-    resolutions = list(resolutions or settings.pipeline.resolutions)
+    resolutions = check_resolutions(resolutions or settings.pipeline.resolutions, settings)
+    span = resolve_span(start, end, settings)
     data_path = Path(data_dir or settings.pipeline.data_dir)
     run_id = str(uuid.uuid4())
     log = get_run_logger()
 
     store = ParquetStore(data_path)
     store.clean_temp_files()
+    quarantine = Quarantine(data_path, run_id)
     with Warehouse(data_path / "warehouse.duckdb") as warehouse, ApiClient(settings, credentials) as client:
-        start_day = parse_day(start, option="--start") if start else _start_day(warehouse, settings, resolutions)
-        end_day = parse_day(end, option="--end") if end else default_end_day()
-        parameters = {"start": start_day.isoformat(), "end": end_day.isoformat(), "resolutions": resolutions}
+        killed = warehouse.mark_unfinished_runs("killed")
+        if killed:
+            log.warning("Marked %d runs left as running by a stopped process as killed: %s", len(killed), ", ".join(killed))
+        parameters = {
+            "start": span.first_day.isoformat() if not span.incremental else None,
+            "end": span.end_day.isoformat(),
+            "incremental": span.incremental,
+            "resolutions": resolutions,
+        }
         warehouse.start_run(run_id, __version__, parameters)
         with _RUNTIMES_LOCK:
-            _RUNTIMES[run_id] = _Runtime(client, store)
+            _RUNTIMES[run_id] = _Runtime(client, store, quarantine, settings.pipeline.refetch_attempts)
         try:
-            log.info("Run %s: local days %s to %s (end exclusive), resolutions %s", run_id, start_day, end_day, resolutions)
-            discovery = discover_task(run_id, settings, start_day, end_day)
-            jobs = plan_jobs(discovery, settings, resolutions, start_day, end_day)
+            log.info(
+                "Run %s: local days %s to %s (end exclusive, %s), resolutions %s",
+                run_id, span.first_day, span.end_day, "incremental" if span.incremental else "fixed start", resolutions,
+            )
+            discovery, jobs = _plan(run_id, settings, warehouse, span, resolutions)
             log.info("Planned %d request windows for %d entities", len(jobs), len(discovery.entities))
-            results = _fetch_all(run_id, jobs)
-            rows = load_task(warehouse, discovery, results)
-            warehouse.update_watermarks(resolutions)
+            results, failures = _fetch_all(run_id, jobs)
+            boundary = resolve_outside_rows(results, store)
+            rows = load_task(warehouse, discovery, results, boundary.files)
+            failed_series = sorted({failure.job.series_key() for failure in failures})
+            warehouse.update_watermarks(resolutions, exclude=failed_series)
             checks = model_and_check_task(warehouse)
         except BaseException:
             warehouse.finish_run(run_id, status="failed", windows=0, requests=client.stats.requests,
@@ -162,10 +285,14 @@ def nightly(
             with _RUNTIMES_LOCK:
                 _RUNTIMES.pop(run_id, None)
 
-        unknown = sorted({name for result in results for name in result.unknown_categories})
-        if unknown:
-            log.warning("The API sent categories this version does not know; they were kept: %s", ", ".join(unknown))
-        status = "success" if checks["failed"] == 0 else "checks_failed"
+        _quarantine_failures(quarantine, failures)
+        report = build_report(results, failures, discovery, boundary, client.stats, quarantine)
+        log_report(report, failures, log)
+        if failures or discovery.rejected:
+            status = "failed"
+        else:
+            status = "success" if checks["failed"] == 0 else "checks_failed"
+        failed_windows = [failure.as_dict() for failure in failures]
         warehouse.finish_run(
             run_id,
             status=status,
@@ -174,26 +301,42 @@ def nightly(
             retries=client.stats.retries,
             rows=rows,
             check_summary={"passed": checks["passed"], "failed": checks["failed"], "by_check": checks["by_check"]},
+            failed_windows=failed_windows,
+            report=report,
         )
         create_markdown_artifact(
             key="cross-check-summary",
-            markdown=f"# Cross-check summary\n\nRun `{run_id}`: {checks['passed']} passed, {checks['failed']} failed.\n\n"
-            + _check_markdown(checks),
+            markdown=f"# Cross-check summary\n\nRun `{run_id}` ({status}): {checks['passed']} passed, "
+            f"{checks['failed']} failed.\n\n" + _check_markdown(checks, failures, report["quarantine_dir"]),
             description="SQL checks of the API data against recomputed values",
         )
         return {
             "run_id": run_id,
             "status": status,
-            "start": start_day.isoformat(),
-            "end": end_day.isoformat(),
+            "start": _first_day(jobs, span).isoformat(),
+            "end": span.end_day.isoformat(),
+            "incremental": span.incremental,
             "windows": len(jobs),
             "requests": client.stats.requests,
             "retries": client.stats.retries,
             "rows_loaded": rows,
-            "unknown_categories": unknown,
+            "failed_windows": failed_windows,
+            "unknown_categories": report["unknown_categories"],
+            "missing_categories": report["missing_categories"],
+            "quarantine_dir": report["quarantine_dir"],
+            "report": report,
             "checks": checks,
             "finished_at": datetime.now(UTC).isoformat(),
         }
+
+
+def _first_day(jobs: list[FetchJob], span: RunSpan) -> date:
+    """The run's first local day: for an incremental run the earliest day it fetched, or its
+    end day when every series was up to date."""
+    if not span.incremental:
+        return span.first_day
+    first_instant = min((job.window_start for job in jobs), default=None)
+    return local_day_of(first_instant) if first_instant else span.end_day
 
 
 def run_nightly(
