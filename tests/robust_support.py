@@ -8,6 +8,10 @@ the sandbox's real answers.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 import threading
 import tomllib
 from collections import deque
@@ -16,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import duckdb
 import msgspec
@@ -72,7 +77,11 @@ def write_small_org(
     """
     with (PROJECT_ROOT / "config" / "terralayr.toml").open("rb") as handle:
         settings = tomllib.load(handle)
-    settings["api"].update({"timeout_seconds": 10.0, "connect_timeout_seconds": 5.0, **(api or {})})
+    # A discard address on loopback, so that a test that forgets TERRALAYR_BASE_URL fails at
+    # once instead of reaching the production API named in config/terralayr.toml.
+    settings["api"].update(
+        {"base_url": "http://127.0.0.1:9", "timeout_seconds": 10.0, "connect_timeout_seconds": 5.0, **(api or {})}
+    )
     settings["retry"].update({**FAST_RETRIES, **(retry or {})})
     settings["pipeline"].update(pipeline or {})
     settings["fleets"] = [{"id": FLEET, "name": "Small fleet", "portfolio_ids": [PORTFOLIO]}]
@@ -175,18 +184,36 @@ class ScriptedReplies:
     def __init__(self, app: Any):
         self.app = app
         self._lock = threading.Lock()
-        self._queues: dict[str, deque[Reply]] = {}
-        self._rewrites: list[Callable[[str, bytes], bytes]] = []
+        self._queues: dict[tuple[str, str], deque[Reply]] = {}
+        self._rewrites: list[Callable[[str, str, bytes], bytes]] = []
+        self._held_prefix: str | None = None
+        self._release = threading.Event()
         self.served: list[Served] = []
 
-    def script(self, path: str, *replies: Reply) -> None:
+    def script(self, path: str, *replies: Reply, query_contains: str = "") -> None:
+        """Queue replies for requests to ``path`` whose query string contains ``query_contains``."""
         with self._lock:
-            self._queues.setdefault(path, deque()).extend(replies)
+            self._queues.setdefault((path, query_contains), deque()).extend(replies)
 
-    def rewrite_all(self, rewrite: Callable[[str, bytes], bytes] | None) -> None:
-        """Pass every 200 body through ``rewrite(path, body)``; None stops rewriting."""
+    def rewrite_all(self, rewrite: Callable[[str, str, bytes], bytes] | None) -> None:
+        """Pass every 200 body through ``rewrite(path, query, body)``; None stops rewriting."""
         with self._lock:
             self._rewrites = [rewrite] if rewrite else []
+
+    def hold(self, path_prefix: str) -> None:
+        """Make requests whose path starts with ``path_prefix`` wait until ``release``."""
+        self._release.clear()
+        self._held_prefix = path_prefix
+
+    def release(self) -> None:
+        self._release.set()
+
+    def _pop_reply(self, path: str, query: str) -> Reply | None:
+        with self._lock:
+            for (queued_path, fragment), queue in self._queues.items():
+                if queued_path == path and fragment in query and queue:
+                    return queue.popleft()
+        return None
 
     def served_to(self, path: str) -> list[Served]:
         with self._lock:
@@ -201,10 +228,12 @@ class ScriptedReplies:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        query = scope.get("query_string", b"").decode("latin-1")
+        query = unquote(scope.get("query_string", b"").decode("latin-1"))
+        if self._held_prefix is not None and path.startswith(self._held_prefix):
+            while not self._release.is_set():
+                await asyncio.sleep(0.02)
+        reply = self._pop_reply(path, query)
         with self._lock:
-            queue = self._queues.get(path)
-            reply = queue.popleft() if queue else None
             rewrites = list(self._rewrites)
 
         if reply is not None and reply.status != 200:
@@ -219,7 +248,7 @@ class ScriptedReplies:
         body = recorder.body
         if recorder.status == 200:
             for rewrite in rewrites:
-                body = rewrite(path, body)
+                body = rewrite(path, query, body)
             if reply is not None and reply.rewrite is not None:
                 body = reply.rewrite(body)
         self._record(path, query, recorder.status)
@@ -392,3 +421,36 @@ def wait_for(predicate: Callable[[], bool], timeout_seconds: float, what: str) -
         time.sleep(0.02)
 
 
+
+
+def harness_api_url() -> str:
+    """Return the API URL of the Prefect server that ``prefect_harness`` started, for subprocesses."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+def cli_env(org: SmallOrg, base_url: str, **extra: str) -> dict[str, str]:
+    """Environment for a ``terralayr-etl`` subprocess against a sandbox on loopback."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TERRALAYR_")}
+    env.update(pipeline_env(org, base_url))
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout_seconds: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``terralayr-etl`` from the project's venv and return its exit code and output."""
+    executable = Path(sys.executable).with_name("terralayr-etl")
+    return subprocess.run(
+        [str(executable), *args], env=env, capture_output=True, text=True, timeout=timeout_seconds, check=False
+    )
+
+
+def datapoints_path(entity_type: str, entity_id: str) -> str:
+    folder = {
+        "virtual_asset": "virtual-assets",
+        "portfolio": "portfolios",
+        "fleet": "fleets",
+        "physical_asset": "physical-assets",
+    }[entity_type]
+    return f"/revenue-reporting/{folder}/{entity_id}/datapoints"

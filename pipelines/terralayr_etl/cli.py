@@ -146,6 +146,17 @@ def serve(
 def _preflight(start: str | None, end: str | None, resolutions: list[str] | None, data_dir: Path) -> None:
     """Check settings, dates, resolutions, credentials, one authentication and the warehouse
     lock before the flow starts, so a user error ends in one line instead of a failed flow run."""
+    # Progress lines from the checks below would turn a one-line error into several.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        _check_before_run(start, end, resolutions, data_dir)
+    finally:
+        root.setLevel(level)
+
+
+def _check_before_run(start: str | None, end: str | None, resolutions: list[str] | None, data_dir: Path) -> None:
     from terralayr_etl.client import ApiClient
     from terralayr_etl.config import load_credentials, load_settings
     from terralayr_etl.pipeline import check_resolutions, resolve_span
@@ -197,7 +208,8 @@ def main() -> None:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, click returns the code of a raised typer.Exit instead of exiting.
+        code = app(standalone_mode=False)
     except TerralayrError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -213,3 +225,4 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
