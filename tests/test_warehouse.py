@@ -117,6 +117,61 @@ def test_warehouse_upsert_twice_corrects_values(tmp_path: Path, warehouse: Wareh
     assert run_id == "run-100"
 
 
+def test_warehouse_load_replaces_only_incoming_keys(tmp_path: Path, warehouse: Warehouse):
+    store = ParquetStore(tmp_path)
+    warehouse.load_datapoints(store.write_datapoints(_datapoints(8)))
+    other_store = ParquetStore(tmp_path / "other")
+    warehouse.load_datapoints(other_store.write_datapoints(_datapoints(3, value_offset=50.0)))
+
+    rows = warehouse.connection.execute(
+        "select period_start, value from datapoints where category = 'revenue_fcr' order by period_start"
+    ).fetchall()
+
+    assert len(rows) == 8
+    assert [value for _, value in rows[:3]] == [50.0, 51.0, 52.0]
+    assert [value for _, value in rows[3:]] == [3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+def test_warehouse_datapoints_have_no_index(warehouse: Warehouse):
+    indexed = warehouse.connection.execute(
+        "select count(*) from duckdb_constraints() where table_name = 'datapoints' "
+        "and constraint_type in ('PRIMARY KEY', 'UNIQUE')"
+    ).fetchone()
+
+    assert indexed == (0,)
+
+
+def test_warehouse_drops_key_of_older_warehouse(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    files = ParquetStore(tmp_path).write_datapoints(_datapoints(4))
+    older = duckdb.connect(str(path))
+    older.execute(
+        "create table datapoints (entity_type varchar not null, entity_id varchar not null, "
+        "resolution varchar not null, category varchar not null, period_start timestamptz not null, "
+        "value double, unit varchar, run_id varchar, fetched_at timestamptz, endpoint varchar, "
+        "primary key (entity_type, entity_id, resolution, category, period_start))"
+    )
+    older.execute(
+        "insert into datapoints select entity_type, entity_id, resolution, category, period_start, value, unit, "
+        "run_id, fetched_at, endpoint from read_parquet($files, hive_partitioning = true)",
+        {"files": [str(file) for file in files]},
+    )
+    older.close()
+
+    with Warehouse(path) as warehouse:
+        keys = warehouse.connection.execute(
+            "select count(*) from duckdb_constraints() where table_name = 'datapoints' and constraint_type = 'PRIMARY KEY'"
+        ).fetchone()
+        before = warehouse.connection.execute("select count(*) from datapoints").fetchone()
+        loaded = warehouse.load_datapoints(files)
+        after = warehouse.connection.execute("select count(*) from datapoints").fetchone()
+
+    assert keys == (0,)
+    assert before == (8,)
+    assert loaded == 8
+    assert after == (8,)
+
+
 def test_warehouse_load_takes_partition_columns(tmp_path: Path, warehouse: Warehouse):
     files = ParquetStore(tmp_path).write_datapoints(_datapoints(2))
 
