@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -176,6 +177,10 @@ class Served:
     path: str
     query: str
     status: int
+    received_at: float
+    """``time.monotonic()`` when the request arrived."""
+    token: str | None
+    """The bearer token the request carried, kept in memory for token-lifetime checks."""
 
 
 class ScriptedReplies:
@@ -229,6 +234,8 @@ class ScriptedReplies:
             return
         path = scope["path"]
         query = unquote(scope.get("query_string", b"").decode("latin-1"))
+        received_at = time.monotonic()
+        token = _bearer(scope)
         if self._held_prefix is not None and path.startswith(self._held_prefix):
             while not self._release.is_set():
                 await asyncio.sleep(0.02)
@@ -237,7 +244,7 @@ class ScriptedReplies:
             rewrites = list(self._rewrites)
 
         if reply is not None and reply.status != 200:
-            self._record(path, query, reply.status)
+            self._record(Served(path, query, reply.status, received_at, token))
             body = msgspec.json.encode({"error": {"code": "scripted", "message": f"scripted HTTP {reply.status}"}})
             headers = [(b"content-type", b"application/json"), *((k.lower().encode(), v.encode()) for k, v in reply.headers.items())]
             await _send(send, reply.status, headers, body)
@@ -251,7 +258,7 @@ class ScriptedReplies:
                 body = rewrite(path, query, body)
             if reply is not None and reply.rewrite is not None:
                 body = reply.rewrite(body)
-        self._record(path, query, recorder.status)
+        self._record(Served(path, query, recorder.status, received_at, token))
 
         if reply is not None and reply.cut_off:
             headers = _with_length(recorder.headers, len(body))
@@ -262,9 +269,17 @@ class ScriptedReplies:
             body = body[: len(body) // 2]
         await _send(send, recorder.status, recorder.headers, body)
 
-    def _record(self, path: str, query: str, status: int) -> None:
+    def _record(self, served: Served) -> None:
         with self._lock:
-            self.served.append(Served(path, query, status))
+            self.served.append(served)
+
+
+def _bearer(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token if scheme.lower() == "bearer" else None
+    return None
 
 
 class _Recorder:
@@ -412,8 +427,6 @@ def _digest(connection: duckdb.DuckDBPyConnection, query: str) -> tuple[int, str
 
 def wait_for(predicate: Callable[[], bool], timeout_seconds: float, what: str) -> None:
     """Poll ``predicate`` every 20 ms until it is true; fail the test after the timeout."""
-    import time
-
     deadline = time.monotonic() + timeout_seconds
     while not predicate():
         if time.monotonic() > deadline:
