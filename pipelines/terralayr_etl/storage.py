@@ -151,16 +151,19 @@ class ParquetStore:
             return []
         if frame[dataset.instant_column].null_count():
             raise ValueError(f"{dataset.instant_column} has nulls; every stored row needs its UTC instant")
-        local_day = pl.col(dataset.instant_column).dt.convert_time_zone(LOCAL_TZ.key).dt.date()
-        frame = frame.with_columns(local_day.dt.strftime("%Y-%m").alias("month"), _block_start(dataset, local_day).alias("block"))
+        frame = frame.join(_blocks_of(dataset, frame), on=_block_inputs(dataset), how="left", maintain_order="left")
 
-        group_columns = [*dataset.partition_columns, "month", "block", "entity_id"]
+        group_columns = [*dataset.partition_columns, _BLOCK, "entity_id"]
         written = []
         for group_key, rows in frame.partition_by(group_columns, as_dict=True, maintain_order=True).items():
             values = dict(zip(group_columns, group_key, strict=True))
+            block = values.pop(_BLOCK)
+            # A block never crosses a month end, so its first day names the month folder.
+            values["month"] = block.strftime("%Y-%m")
+            values["block"] = block.isoformat()
             path = self._file_path(dataset, values)
             with _lock_for(path):
-                self._merge_into(dataset, path, rows.drop([*dataset.partition_columns, "month", "block"]))
+                self._merge_into(dataset, path, rows.drop([*dataset.partition_columns, _BLOCK]))
             written.append(path)
         return written
 
@@ -182,30 +185,64 @@ class ParquetStore:
 
     def _merge_into(self, dataset: _Dataset, path: Path, new_rows: pl.DataFrame) -> None:
         key = list(dataset.key)
-        if new_rows.select(pl.struct(key).is_duplicated().any()).item():
-            new_rows = new_rows.unique(subset=key, keep="last", maintain_order=True)
+        new_rows = _sorted_last_per_key(new_rows, list(dataset.sort_key))
         merged = new_rows
         replaced = 0
         if path.exists():
             stored = pl.from_arrow(pq.read_table(path).cast(dataset.file_schema))
             kept = stored.join(new_rows.select(key), on=key, how="anti")
             replaced = stored.height - kept.height
-            merged = pl.concat([kept, new_rows.select(kept.columns)])
+            merged = pl.concat([kept, new_rows.select(kept.columns)]).sort(list(dataset.sort_key))
 
-        merged = merged.sort(list(dataset.sort_key))
         _write_atomically(merged.to_arrow().select(dataset.file_schema.names).cast(dataset.file_schema), path)
         logger.debug("Wrote %d rows to %s (%d new, %d replaced)", merged.height, path, new_rows.height - replaced, replaced)
 
 
+_BLOCK = "_block"
+"""Helper column: the first local day of the row's storage block."""
+
+
+def _block_inputs(dataset: _Dataset) -> list[str]:
+    """Return the columns that decide a row's block: its instant and, if stored, its resolution."""
+    if dataset.fixed_resolution is not None:
+        return [dataset.instant_column]
+    return [dataset.instant_column, "resolution"]
+
+
+def _blocks_of(dataset: _Dataset, frame: pl.DataFrame) -> pl.DataFrame:
+    """Return each distinct (instant, resolution) of ``frame`` with its block's first day.
+
+    The time zone conversion runs once per distinct instant, not once per row: a page repeats
+    each instant once per category.
+    """
+    inputs = frame.select(_block_inputs(dataset)).unique()
+    local_day = pl.col(dataset.instant_column).dt.convert_time_zone(LOCAL_TZ.key).dt.date()
+    return inputs.with_columns(_block_start(dataset, local_day).alias(_BLOCK))
+
+
 def _block_start(dataset: _Dataset, local_day: pl.Expr) -> pl.Expr:
-    """Polars form of ``timeutil.file_block_start`` as an ISO date string."""
+    """Polars form of ``timeutil.file_block_start``."""
     month_start = local_day.dt.month_start()
     week_start = pl.max_horizontal(local_day.dt.truncate("1w"), month_start)
     if dataset.fixed_resolution is not None:
-        block = month_start
-    else:
-        block = pl.when(pl.col("resolution").is_in(["raw", "15min"])).then(week_start).otherwise(month_start)
-    return block.dt.strftime("%Y-%m-%d")
+        return month_start
+    return pl.when(pl.col("resolution").is_in(["raw", "15min"])).then(week_start).otherwise(month_start)
+
+
+def _sorted_last_per_key(rows: pl.DataFrame, sort_key: list[str]) -> pl.DataFrame:
+    """Sort one file's rows by ``sort_key`` and keep the last row of each key in input order.
+
+    The rows belong to one entity, so ``sort_key`` identifies a row. The sort is stable, so
+    rows with the same key stay in input order next to each other, and a row is kept when the
+    next row has another key. Comparing neighbours costs less than hashing every key.
+    """
+    ordered = rows.sort(sort_key, maintain_order=True)
+    if ordered.height < 2:
+        return ordered
+    same_as_next = pl.all_horizontal([pl.col(name) == pl.col(name).shift(-1) for name in sort_key]).fill_null(False)
+    if not ordered.select(same_as_next.any()).item():
+        return ordered
+    return ordered.filter(~same_as_next)
 
 
 def _conform(table: pa.Table | pl.DataFrame, schema: pa.Schema) -> pa.Table:
