@@ -33,6 +33,10 @@ app = typer.Typer(
 StartOption = Annotated[str | None, typer.Option("--start", help="First local delivery day, YYYY-MM-DD.")]
 EndOption = Annotated[str | None, typer.Option("--end", help="Day after the last local delivery day (exclusive), YYYY-MM-DD.")]
 DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Folder for Parquet, the DuckDB file and quarantine. Default: data/.")]
+SkipChecksOption = Annotated[
+    bool,
+    typer.Option("--skip-checks", help="Load without building the SQL models and running the checks; run 'terralayr-etl check' later."),
+]
 FaultsOption = Annotated[str | None, typer.Option("--faults", help="Sandbox fault injection, e.g. 'all' or '429=0.05,500=0.02'.")]
 
 
@@ -83,6 +87,7 @@ def run(
     end: EndOption = None,
     resolution: Annotated[list[str] | None, typer.Option("--resolution", help="Resolution to fetch (repeat for several): raw, 15min, hourly, daily.")] = None,
     data_dir: DataDirOption = None,
+    skip_checks: SkipChecksOption = False,
 ) -> None:
     """Run the nightly flow against the API named by TERRALAYR_BASE_URL.
 
@@ -99,6 +104,7 @@ def run(
         end=parse_day(end, option="--end") if end else None,
         resolutions=resolution,
         data_dir=data_path,
+        skip_checks=skip_checks,
     )
     _print_run(summary)
     raise typer.Exit(exit_code(summary))
@@ -110,9 +116,10 @@ def backfill(
     end: Annotated[str, typer.Option("--end", help="Day after the last local delivery day (exclusive), YYYY-MM-DD.")],
     resolution: Annotated[list[str] | None, typer.Option("--resolution", help="Resolution to fetch (repeat for several).")] = None,
     data_dir: DataDirOption = None,
+    skip_checks: SkipChecksOption = False,
 ) -> None:
     """Fetch any range of local days, independent of the watermark."""
-    run(start=start, end=end, resolution=resolution, data_dir=data_dir)
+    run(start=start, end=end, resolution=resolution, data_dir=data_dir, skip_checks=skip_checks)
 
 
 @app.command()
@@ -198,6 +205,9 @@ def _print_run(summary: dict) -> None:
         f"{summary['rows_loaded']} rows loaded"
     )
     checks = summary["checks"]
+    if checks.get("skipped"):
+        typer.echo("Checks: skipped (--skip-checks); run 'terralayr-etl check' to build the models and run them")
+        return
     _print_checks(checks["by_check"], checks["passed"], checks["failed"])
 
 

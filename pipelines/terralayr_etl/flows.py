@@ -157,7 +157,12 @@ def load_task(warehouse: Warehouse, discovery: Discovery, results: list[WindowRe
 
 
 @task(name="model-and-check", cache_policy=NO_CACHE, persist_result=False)
-def model_and_check_task(warehouse: Warehouse) -> dict:
+def model_and_check_task(warehouse: Warehouse, skip: bool = False) -> dict:
+    if skip:
+        # The models read the whole warehouse, so a long backfill can defer them to one
+        # 'terralayr-etl check' at the end instead of paying for them on every run.
+        get_run_logger().info("Skipped the SQL models and checks; run 'terralayr-etl check' to build and run them")
+        return {"total": 0, "passed": 0, "failed": 0, "by_check": {}, "failing_rows": [], "skipped": True}
     built = run_models(warehouse.connection)
     summary = run_checks(warehouse.connection)
     get_run_logger().info(
@@ -232,8 +237,11 @@ def nightly(
     end: str | None = None,
     resolutions: list[str] | None = None,
     data_dir: str | None = None,
+    skip_checks: bool = False,
 ) -> dict:
     """Fetch ``[start, end)`` (local days), load it into DuckDB, build the SQL models and run the checks.
+
+    ``skip_checks`` leaves the models and checks out, for backfills that run them once at the end.
 
     Without ``start`` each entity and resolution starts at its own watermark's local day minus
     ``pipeline.lookback_days``, or at ``pipeline.history_start`` without a watermark. Without
@@ -276,7 +284,7 @@ def nightly(
             rows = load_task(warehouse, discovery, results, boundary.files)
             failed_series = sorted({failure.job.series_key() for failure in failures})
             warehouse.update_watermarks(resolutions, exclude=failed_series)
-            checks = model_and_check_task(warehouse)
+            checks = model_and_check_task(warehouse, skip_checks)
         except BaseException:
             warehouse.finish_run(run_id, status="failed", windows=0, requests=client.stats.requests,
                                  retries=client.stats.retries, rows=0, check_summary={})
@@ -300,7 +308,12 @@ def nightly(
             requests=client.stats.requests,
             retries=client.stats.retries,
             rows=rows,
-            check_summary={"passed": checks["passed"], "failed": checks["failed"], "by_check": checks["by_check"]},
+            check_summary={
+                "passed": checks["passed"],
+                "failed": checks["failed"],
+                "by_check": checks["by_check"],
+                "skipped": checks.get("skipped", False),
+            },
             failed_windows=failed_windows,
             report=report,
         )
@@ -346,6 +359,7 @@ def run_nightly(
     resolutions: list[str] | None = None,
     data_dir: Path | None = None,
     settings: Settings | None = None,
+    skip_checks: bool = False,
 ) -> dict:
     """Run the ``nightly`` flow with a thread pool sized by ``api.max_concurrency``."""
     settings = settings or load_settings()
@@ -355,4 +369,5 @@ def run_nightly(
         end=end.isoformat() if end else None,
         resolutions=resolutions,
         data_dir=str(data_dir) if data_dir else None,
+        skip_checks=skip_checks,
     )
