@@ -1,0 +1,114 @@
+"""A run killed with SIGKILL and run again ends with the content of an uninterrupted run.
+
+Each scenario starts ``terralayr-etl run`` as a subprocess, kills its process group with
+SIGKILL when the run reaches a given step (seen in its log or on disk), checks what the kill
+left behind, runs the same command again and compares the warehouse and the Parquet dataset
+with those of an uninterrupted run by content (``robust_support.warehouse_digest``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from robust_support import (
+    SmallOrg,
+    cli_env,
+    harness_api_url,
+    parquet_digest,
+    run_cli,
+    serve_small_org,
+    wait_for,
+    warehouse_digest,
+    write_small_org,
+)
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["run", "--start", "2024-10-26", "--end", "2024-10-28"]
+
+
+@pytest.fixture(scope="module")
+def org(tmp_path_factory: pytest.TempPathFactory) -> SmallOrg:
+    # Two requests in flight and 60 ms of latency spread the fetch over about a second.
+    return write_small_org(tmp_path_factory.mktemp("crash-config"), api={"max_concurrency": 2})
+
+
+@pytest.fixture(scope="module")
+def served(org: SmallOrg, prefect_harness):
+    with serve_small_org(org, latency_ms=60) as (server, _):
+        yield cli_env(org, server.base_url, PREFECT_API_URL=harness_api_url())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(served: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    data_dir = tmp_path_factory.mktemp("uninterrupted")
+    done = run_cli([*ARGS, "--data-dir", str(data_dir)], served)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"warehouse": warehouse_digest(data_dir / "warehouse.duckdb"), "parquet": parquet_digest(data_dir)}
+
+
+def _log_has(text: str) -> Callable[[Path, Path], bool]:
+    return lambda log, data_dir: text in log.read_text()
+
+
+def _parquet_written(log: Path, data_dir: Path) -> bool:
+    return any((data_dir / "parquet").rglob("*.parquet"))
+
+
+SCENARIOS: dict[str, Callable[[Path, Path], bool]] = {
+    "after the run is recorded": _log_has("Planned"),
+    "during the fetch": _parquet_written,
+    "after the load": _log_has("Loaded "),
+    "after the checks": _log_has("Built "),
+}
+"""When to kill: each step comes after the run's ``running`` row is written."""
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_killed_run_rerun_matches_uninterrupted(scenario: str, served: dict, uninterrupted: dict, tmp_path) -> None:
+    data_dir = tmp_path / "data"
+    log = tmp_path / "killed.stderr"
+    reached = SCENARIOS[scenario]
+    executable = str(Path(sys.executable).with_name("terralayr-etl"))
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [executable, *ARGS, "--data-dir", str(data_dir)],
+            env=served,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: reached(log, data_dir) or process.poll() is not None, 120, f"the run to reach '{scenario}'")
+        assert process.poll() is None, f"the run ended before it could be killed {scenario}"
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+
+    for path in (data_dir / "parquet").rglob("*.parquet"):
+        assert pq.read_table(path).num_rows > 0, path
+    assert _run_statuses(data_dir) == ["running"]
+
+    done = run_cli([*ARGS, "--data-dir", str(data_dir)], served)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert warehouse_digest(data_dir / "warehouse.duckdb") == uninterrupted["warehouse"]
+    assert parquet_digest(data_dir) == uninterrupted["parquet"]
+    assert _run_statuses(data_dir) == ["killed", "success"]
+
+
+def _run_statuses(data_dir: Path) -> list[str]:
+    # A read-write connection replays the write-ahead log the killed process left.
+    connection = duckdb.connect(str(data_dir / "warehouse.duckdb"))
+    try:
+        return [row[0] for row in connection.execute("select status from runs order by started_at").fetchall()]
+    finally:
+        connection.close()
