@@ -3,7 +3,7 @@
 The small organisation keeps end-to-end runs to seconds: two virtual assets in one portfolio,
 one fleet and one physical asset. ``ScriptedReplies`` wraps the sandbox app and lets a test
 queue one-off replies per path (an error status, a cut-off body, a changed body) in front of
-the sandbox's real answers.
+the sandbox's real responses.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ FAST_RETRIES = {
 
 @dataclass(frozen=True)
 class SmallOrg:
-    """A config folder for the small organisation and what it contains."""
+    """A config folder for the small organisation, with its settings and organisation."""
 
     config_dir: Path
     settings: Settings
@@ -78,8 +78,8 @@ def write_small_org(
     """
     with (PROJECT_ROOT / "config" / "terralayr.toml").open("rb") as handle:
         settings = tomllib.load(handle)
-    # A discard address on loopback, so that a test that forgets TERRALAYR_BASE_URL fails at
-    # once instead of reaching the production API named in config/terralayr.toml.
+    # A discard address on loopback, so that a test without TERRALAYR_BASE_URL fails at once
+    # instead of reaching the production API named in config/terralayr.toml.
     settings["api"].update(
         {"base_url": "http://127.0.0.1:9", "timeout_seconds": 10.0, "connect_timeout_seconds": 5.0, **(api or {})}
     )
@@ -157,7 +157,7 @@ def apply_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
 
 @dataclass
 class Reply:
-    """A reply a path sends once instead of, or on top of, the sandbox's answer.
+    """A reply a path sends once instead of, or on top of, the sandbox's response.
 
     ``status`` other than 200 sends the JSON error body with ``headers``. ``cut_off`` sends half
     of the real body under the full Content-Length and closes the connection. ``truncate``
@@ -301,8 +301,8 @@ class _Recorder:
 
 
 def _with_length(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
-    kept = [(name, value) for name, value in headers if name.lower() != b"content-length"]
-    return [*kept, (b"content-length", str(length).encode())]
+    others = [(name, value) for name, value in headers if name.lower() != b"content-length"]
+    return [*others, (b"content-length", str(length).encode())]
 
 
 async def _send(send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -425,12 +425,12 @@ def _digest(connection: duckdb.DuckDBPyConnection, query: str) -> tuple[int, str
     return int(row[0]), str(row[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout_seconds: float, what: str) -> None:
+def wait_for(predicate: Callable[[], bool], timeout_seconds: float, description: str) -> None:
     """Poll ``predicate`` every 20 ms until it is true; fail the test after the timeout."""
     deadline = time.monotonic() + timeout_seconds
     while not predicate():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_seconds} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout_seconds} s waiting for {description}")
         time.sleep(0.02)
 
 

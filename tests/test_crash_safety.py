@@ -1,9 +1,9 @@
 """A run killed with SIGKILL and run again ends with the content of an uninterrupted run.
 
-Each scenario starts ``terralayr-etl run`` as a subprocess, kills its process group with
-SIGKILL when the run reaches a given step (seen in its log or on disk), checks what the kill
-left behind, runs the same command again and compares the warehouse and the Parquet dataset
-with those of an uninterrupted run by content (``robust_support.warehouse_digest``).
+Each scenario starts ``terralayr-etl run`` as a subprocess and kills its process group with
+SIGKILL when the run reaches a given step, seen in its log or on disk. The test checks what
+the kill left behind and runs the same command again. Then it compares the warehouse and the
+Parquet dataset with those of an uninterrupted run by content (``robust_support.warehouse_digest``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ dataset are compared with the fault-free run by content: an ordered hash of ever
 rows without lineage columns (see ``robust_support.warehouse_digest``). Rows of the category
 that the ``unknown`` mode injects are left out, because the fault-free API never sends it.
 Rates are raised above the defaults so that each mode fires several times in a run of about
-thirty requests; the test checks that it did.
+thirty requests, and the test checks that it did.
 """
 
 from __future__ import annotations

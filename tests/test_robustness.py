@@ -41,6 +41,7 @@ from terralayr_etl import flows
 from terralayr_etl.client import ApiClient
 from terralayr_etl.categories import CATEGORY_NAMES
 from terralayr_etl.config import Credentials, load_settings
+from terralayr_etl.errors import ApiError
 from terralayr_etl.flows import run_nightly
 from terralayr_etl.pipeline import Discovery, Entity, FetchJob, plan_jobs, plan_starts
 from terralayr_etl.quarantine import Quarantine
@@ -441,8 +442,8 @@ def test_cli_config_typo_one_line_exit_2(org: SmallOrg, tmp_path) -> None:
 
 
 def test_cli_second_process_gets_lock_error(org: SmallOrg, prefect_harness, tmp_path) -> None:
-    """The first process holds the warehouse while the sandbox holds its data requests; the
-    second process, started meanwhile, must stop with one line and exit 2."""
+    """The first process keeps the warehouse locked while the sandbox delays its data requests.
+    The second process, started meanwhile, must stop with one line and exit 2."""
     data_dir = tmp_path / "data"
     with serve_small_org(org, scripted=True) as (server, scripted):
         scripted.hold("/revenue-reporting/")
@@ -469,3 +470,28 @@ def test_cli_second_process_gets_lock_error(org: SmallOrg, prefect_harness, tmp_
     expected = f"warehouse {data_dir / 'warehouse.duckdb'} is in use by another terralayr-etl process (pid {first.pid})"
     assert expected in second_lines[0]
     assert first.returncode == 0, first_log.read_text()[-3000:]
+
+
+def test_flow_project_error_logged_without_traceback(
+    org: SmallOrg, prefect_harness, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Discovery gets 404, which no retry resolves: the flow fails with the ApiError, its run is
+    recorded as failed, and Prefect's failure logs carry the message without a traceback."""
+    data_dir = tmp_path / "data"
+    listing = f"/organisations/{org.organisation.id}/virtual-assets"
+    with serve_small_org(org, scripted=True) as (server, scripted):
+        scripted.script(listing, Reply(status=404))
+        with caplog.at_level(logging.INFO), pytest.raises(ApiError) as caught:
+            _run(org, server, data_dir, start=START, end=END)
+
+    assert caught.value.status_code == 404
+    prefect_records = [record for record in caplog.records if record.name.startswith("prefect.")]
+    failures = [record for record in prefect_records if "ApiError" in record.getMessage()]
+    assert failures
+    assert all(record.exc_info is None for record in prefect_records)
+    assert "Traceback" not in caplog.text
+    connection = _connect(data_dir)
+    try:
+        assert connection.execute("select status from runs").fetchall() == [("failed",)]
+    finally:
+        connection.close()

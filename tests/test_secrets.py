@@ -2,10 +2,10 @@
 
 The flow runs against the sandbox with tokens that expire after 0.3 s, so the client
 authenticates several times, and with truncated responses, so the quarantine gets payloads.
-Then every file under the data dir, every log record of every logger at DEBUG level, the
-process's stdout and stderr, the Prefect flow runs' parameters and logs and all artifacts read
-back through the Prefect client, and the runs table are searched for the password and for
-every access token the sandbox issued.
+The test searches for the password and for every access token the sandbox issued in: every
+file under the data dir, every log record of every logger at DEBUG level, the process's stdout
+and stderr, the runs table, and the Prefect flow runs' parameters and logs and all artifacts
+read back through the Prefect client.
 """
 
 from __future__ import annotations

@@ -325,11 +325,13 @@ def _run(org: SmallOrg, server, data_dir: Path, **kwargs) -> dict:
 def test_token_expiry_one_authentication_per_lifetime(
     tmp_path_factory: pytest.TempPathFactory, prefect_harness, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A token valid for 60 s in a run of several minutes, scaled down by 30: the sandbox issues
-    tokens valid for 2 s, the client renews 0.5 s before that, and 500 ms of latency with two
-    requests in flight stretches the run to several token lifetimes. Every token must be used
-    only within its lifetime, no request may get 401, and the client must authenticate once per
-    lifetime, not once per thread."""
+    """Scale a 60 s token in a run of several minutes down by 30.
+
+    The sandbox issues tokens valid for 2 s and the client renews 0.5 s before that. 500 ms of
+    latency with two requests in flight stretches the run to several token lifetimes. Every
+    token must be used only within its lifetime, no request may get 401, and the client must
+    authenticate once per lifetime, not once per thread.
+    """
     lifetime_seconds, margin_seconds = 2, 0.5
     org = write_small_org(
         tmp_path_factory.mktemp("expiry-config"),

@@ -1,10 +1,13 @@
 """The ``terralayr-etl`` command line.
 
-Exit status: 0 when the run loaded every window and every check passed; 1 when a check
-failed; 2 for a user error (bad config, missing credentials, wrong password, unknown
-resolution, a locked warehouse), printed as one line on stderr without a traceback; 3 when
-the run finished but left windows or virtual assets out, named in one line on stderr with
-the quarantine folder that holds the details.
+Exit status:
+
+- 0: the run loaded every window and every check passed.
+- 1: a check failed.
+- 2: a user error (bad config, missing credentials, wrong password, unknown resolution, a
+  locked warehouse), printed as one line on stderr without a traceback.
+- 3: the run finished but left windows or virtual assets out. One line on stderr says so and
+  names the quarantine folder with the details.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def fetch_window(
 ) -> WindowResult:
     """Fetch one window, normalise every page and write the rows inside the window to Parquet.
 
-    Rows the API sent outside ``[window_start, window_end)`` are not written here; they travel
+    Rows the API sent outside ``[window_start, window_end)`` are not written here. They travel
     in ``WindowResult.outside_rows`` to ``boundaries.resolve_outside_rows``, which settles them
     in a fixed order once every window of the run is in.
 
@@ -152,8 +152,8 @@ def _fetch_datapoints_once(client: ApiClient, job: FetchJob, run_id: str) -> _Fe
                 str(exc), body=response.body, endpoint=response.endpoint, params=response.params
             ) from None
         pages.append(page)
-        # The request names no category, which requests all of them, so each page must carry each;
-        # a page without one would load as a gap in that category.
+        # The request names no category, which requests all of them, so each page must carry
+        # each. A page without one would load as a gap in that category.
         missing.update(name for name in CATEGORY_NAMES if name not in page.categories)
 
     table = pa.concat_tables([page.table for page in pages]) if pages else None

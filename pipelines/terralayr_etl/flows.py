@@ -5,9 +5,9 @@ The flow stays thin; the work lives in ``pipeline.py``, ``fetching.py``, ``bound
 HTTP client, the Parquet store, the quarantine) sit in a per-run registry keyed by run id, so
 tasks receive only plain values.
 
-A window that fails (the API kept failing, or its payload could not be parsed) does not stop
-the run: the other windows are loaded, the run is recorded with status ``failed`` and its
-failed windows, and the caller gets the list.
+A window that fails because the API kept failing or its payload could not be parsed does not
+stop the run. The other windows are loaded, and the run is recorded with status ``failed`` and
+the list of failed windows, which the caller also gets.
 """
 
 from __future__ import annotations
@@ -344,8 +344,8 @@ def nightly(
 
 
 def _first_day(jobs: list[FetchJob], span: RunSpan) -> date:
-    """The run's first local day: for an incremental run the earliest day it fetched, or its
-    end day when every series was up to date."""
+    """Return the run's first local day. For an incremental run that is the earliest day it
+    fetched, or its end day when every series was up to date."""
     if not span.incremental:
         return span.first_day
     first_instant = min((job.window_start for job in jobs), default=None)

@@ -62,8 +62,8 @@ class FetchJob:
 
     def slug(self) -> str:
         """Return a file-name-safe label: ids are validated, the rest are fixed names and digits."""
-        what = self.product or self.resolution
-        return f"{self.entity_type}-{self.entity_id}-{what}-{self.window_start:%Y%m%dT%H%MZ}"
+        series = self.product or self.resolution
+        return f"{self.entity_type}-{self.entity_id}-{series}-{self.window_start:%Y%m%dT%H%MZ}"
 
     def series_key(self) -> tuple[str, str, str]:
         """Return the watermark key (entity_type, entity_id, resolution) this window advances."""
@@ -206,7 +206,7 @@ def plan_jobs(
     """Plan every request window, skipping windows outside an entity's active span.
 
     ``starts`` gives the first local day per (entity_type, entity_id, resolution), as an
-    incremental run derives it from the watermarks; a key it lacks starts at ``start_day``.
+    incremental run derives it from the watermarks. A key it lacks starts at ``start_day``.
     Revenue buckets of a virtual asset start at the earliest of its resolutions' first days.
     """
     resolutions = list(resolutions)
@@ -255,7 +255,7 @@ def plan_starts(
 
 
 def default_end_day(today: date | None = None) -> date:
-    """The exclusive end of a nightly run: today, so the last complete day is yesterday."""
+    """Return the exclusive end of a nightly run: today, so the last complete day is yesterday."""
     return today or datetime.now(LOCAL_TZ).date()
 
 

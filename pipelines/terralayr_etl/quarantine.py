@@ -2,10 +2,10 @@
 
 Layout under ``<data_dir>/quarantine/<run_id>/``, one pair of files per event::
 
-    <nnnn>-<what>.json   request (path and query parameters), error, attempt, window
-    <nnnn>-<what>.body   the raw response body, when there was one
+    <nnnn>-<label>.json   request (path and query parameters), error, attempt, window
+    <nnnn>-<label>.body   the raw response body, when there was one
 
-``<what>`` names the entity, resolution or product and the window start. Request headers are
+``<label>`` names the entity, resolution or product and the window start. Request headers are
 never stored, so no token reaches these files. Each file is written to a hidden temp name and
 renamed, so a reader never sees half a record.
 """
@@ -49,7 +49,7 @@ class Quarantine:
 
     def add(
         self,
-        what: str,
+        label: str,
         error: BaseException | str,
         *,
         request: dict[str, Any],
@@ -59,13 +59,13 @@ class Quarantine:
     ) -> Path:
         """Write one record and return the path of its JSON file.
 
-        ``what`` becomes part of the file name, so it must be made of validated ids, resolution
+        ``label`` becomes part of the file name, so it must be made of validated ids, resolution
         names and ISO dates only. ``request`` contains the path and query parameters, never headers.
         """
         with self._lock:
             number = next(self._sequence)
             self._count += 1
-        stem = f"{number:04d}-{what}"
+        stem = f"{number:04d}-{label}"
         record = {
             "recorded_at": datetime.now(UTC).isoformat(),
             "request": request,
@@ -81,7 +81,7 @@ class Quarantine:
             _write_atomically(self.folder / f"{stem}.body", body)
         path = self.folder / f"{stem}.json"
         _write_atomically(path, json.dumps(record, indent=2, sort_keys=True).encode())
-        logger.warning("Quarantined %s (attempt %s) in %s: %s", what, attempt, path, record["error"])
+        logger.warning("Quarantined %s (attempt %s) in %s: %s", label, attempt, path, record["error"])
         return path
 
 
