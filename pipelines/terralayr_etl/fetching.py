@@ -119,8 +119,9 @@ def _fetch_with_refetches(
             )
 
     if best is not None:
-        logger.warning(
-            "Loading %s without the categories %s: they were absent in all %d fetches",
+        # INFO, because the run reports the missing categories once, as a warning.
+        logger.info(
+            "Loading %s without the categories %s, still absent after %d fetches",
             job.describe(), ", ".join(best.missing_categories), fetches,
         )
         return best, fetches
