@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from terralayr_etl.categories import CATEGORIES, unit_of
+from terralayr_etl.resources import CPU_SLOTS
 from terralayr_etl.errors import MalformedResponseError
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,19 @@ def normalise_datapoints(
                                     fetched_at=raw.fetched_at, endpoint=raw.endpoint)
     """
     _require_aware(fetched_at)
+    with CPU_SLOTS:
+        return _normalise_datapoints(body, entity_type, entity_id, resolution, run_id, fetched_at, endpoint)
+
+
+def _normalise_datapoints(
+    body: bytes,
+    entity_type: str,
+    entity_id: str,
+    resolution: str,
+    run_id: str,
+    fetched_at: datetime,
+    endpoint: str,
+) -> NormalisedPage:
     decoded = _decode(_DATAPOINTS_DECODER, body, endpoint, _describe_datapoints_problem)
     categories = tuple(decoded.data)
     lengths = [len(points) for points in decoded.data.values()]

@@ -1,0 +1,48 @@
+"""Process-wide limits that keep the pipeline's memory flat while many windows are in flight.
+
+The fetch threads (``api.max_concurrency``, 8 by default) exist to overlap network waits.
+Decoding, normalising and writing a window is CPU work that holds tens of MB while it runs,
+and more of those running at once than there are CPUs adds memory without adding speed, so
+``CPU_SLOTS`` bounds them.
+
+Importing this module also sets two allocators, because with eight threads their per-thread
+caches kept about 200 MB that the pipeline no longer used (measured by replaying the 726
+responses of the W1 benchmark, see docs/benchmarks.md): Arrow buffers come from the system
+allocator instead of jemalloc, and glibc keeps at most two malloc arenas.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import threading
+
+import pyarrow as pa
+
+logger = logging.getLogger(__name__)
+
+CPU_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+"""Held while a response is normalised and while rows are written to Parquet."""
+
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8
+"""glibc's mallopt parameter number for the arena limit (malloc.h)."""
+
+
+def _limit_allocators() -> None:
+    pa.set_memory_pool(pa.system_memory_pool())
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return
+    try:
+        mallopt = ctypes.CDLL(library).mallopt
+    except (OSError, AttributeError):
+        # Not glibc (musl, macOS): those allocators have no arena limit to set.
+        logger.debug("No mallopt in %s; the malloc arena limit is not set", library)
+        return
+    mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
+_limit_allocators()
