@@ -157,6 +157,8 @@ class MeasuredRun:
     """The kernel's high-water mark of the process's resident set (VmHWM), children excluded."""
     stdout: str
     stderr: str
+    rss_samples: list[tuple[float, float]]
+    """(Unix time, resident set in MB) every 50 ms, to place the peak in a stage of the run."""
 
 
 def run_measured(command: list[str], *, env: dict[str, str], log_dir: Path, name: str) -> MeasuredRun:
@@ -184,6 +186,7 @@ def run_measured(command: list[str], *, env: dict[str, str], log_dir: Path, name
         peak_rss_mb=sampler.peak_kb / 1024,
         stdout=stdout_path.read_text(errors="replace"),
         stderr=stderr_path.read_text(errors="replace"),
+        rss_samples=sampler.samples,
     )
 
 
@@ -193,6 +196,7 @@ class _HighWaterSampler(threading.Thread):
         self._status_path = Path(f"/proc/{pid}/status")
         self._stopped = threading.Event()
         self.peak_kb = 0
+        self.samples: list[tuple[float, float]] = []
 
     def run(self) -> None:
         while not self._stopped.is_set():
@@ -207,6 +211,9 @@ class _HighWaterSampler(threading.Thread):
         match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
         if match:
             self.peak_kb = max(self.peak_kb, int(match.group(1)))
+        current = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
+        if current:
+            self.samples.append((time.time(), int(current.group(1)) / 1024))
 
     def stop(self) -> None:
         self._stopped.set()

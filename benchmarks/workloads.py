@@ -8,6 +8,7 @@ CPU time and the Prefect server's CPU time over the same interval.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -81,6 +82,7 @@ def run_backfill(session: Session, spec: BackfillSpec, name: str) -> dict[str, A
             "--data-dir", str(data_dir),
             *spec.extra_arguments,
         )  # fmt: skip
+        load_average_before = os.getloadavg()[0]
         sandbox_cpu_before = sandbox.cpu_seconds()
         prefect_cpu_before = session.prefect.cpu_seconds()
         measured = run_measured(command, env=env, log_dir=log_dir, name=name)
@@ -113,7 +115,29 @@ def run_backfill(session: Session, spec: BackfillSpec, name: str) -> dict[str, A
         "sandbox_cpu_share": round(sandbox_cpu_s / measured.wall_s, 3) if measured.wall_s else 0.0,
         "prefect_server_cpu_s": round(prefect_cpu_s, 2),
         "stages_s": stage_durations(measured.stderr),
+        "peak_rss_by_stage_mb": stage_peak_rss(measured.stderr, measured.rss_samples),
+        # Other processes on the machine stretch wall times; the 1-minute load average before
+        # the run shows whether they were busy.
+        "load_average_before": round(load_average_before, 2),
         "check_failures": run["failed_checks"],
+    }
+
+
+def run_check(session: Session, spec: BackfillSpec, source: str, name: str) -> dict[str, Any]:
+    """Time ``terralayr-etl check`` (build the SQL models, run the checks) on the warehouse of ``source``."""
+    organisation = session.organisation(spec.virtual_assets)
+    data_dir = session.work_dir / "data" / source
+    env = session.pipeline_env(organisation, "http://127.0.0.1:9")
+    command = cli_command("check", "--data-dir", str(data_dir))
+    measured = run_measured(command, env=env, log_dir=session.work_dir / "logs", name=name)
+    if measured.returncode not in (0, 1):
+        raise BenchmarkError(f"{name}: terralayr-etl check exited with status {measured.returncode}: {measured.stderr[-3000:]}")
+    return {
+        "command": " ".join(["terralayr-etl", *command[1:]]),
+        "exit_status": measured.returncode,
+        "wall_s": round(measured.wall_s, 2),
+        "peak_rss_mb": round(measured.peak_rss_mb, 1),
+        "cpu_s": round(measured.cpu_s, 2),
     }
 
 
@@ -145,12 +169,17 @@ _STAGE_MARKS = {
 }
 
 
-def stage_durations(log_text: str) -> dict[str, float | None]:
-    """Derive stage durations in seconds from the pipeline's log lines.
+_STAGES = {
+    "discover": ("flow_start", "planned"),
+    "fetch": ("planned", "fetched"),
+    "load": ("fetched", "loaded"),
+    "models": ("loaded", "models_built"),
+    "checks": ("models_built", "checked"),
+}
 
-    Each stage runs from one marker line to the next; a stage whose marker is missing (a log
-    message reworded, or a stage skipped) is None.
-    """
+
+def _stage_marks(log_text: str) -> dict[str, datetime]:
+    """Return the local time of each stage marker line, parsed from the log's asctime."""
     marks: dict[str, datetime] = {}
     for stamp, message in _LOG_LINE.findall(log_text):
         for name, pattern in _STAGE_MARKS.items():
@@ -158,17 +187,43 @@ def stage_durations(log_text: str) -> dict[str, float | None]:
                 # The last "Finished in state" line is the flow's, after every task's.
                 if name not in marks or name == "flow_end":
                     marks[name] = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
+    return marks
+
+
+def stage_durations(log_text: str) -> dict[str, float | None]:
+    """Derive stage durations in seconds from the pipeline's log lines.
+
+    Each stage runs from one marker line to the next; a stage whose marker is missing (a log
+    message reworded, or a stage skipped) is None.
+    """
+    marks = _stage_marks(log_text)
 
     def between(first: str, second: str) -> float | None:
         if first in marks and second in marks:
             return round((marks[second] - marks[first]).total_seconds(), 2)
         return None
 
-    return {
-        "discover_s": between("flow_start", "planned"),
-        "fetch_s": between("planned", "fetched"),
-        "load_s": between("fetched", "loaded"),
-        "models_s": between("loaded", "models_built"),
-        "checks_s": between("models_built", "checked"),
-        "flow_s": between("flow_start", "flow_end"),
-    }
+    durations = {f"{stage}_s": between(*bounds) for stage, bounds in _STAGES.items()}
+    durations["flow_s"] = between("flow_start", "flow_end")
+    return durations
+
+
+def stage_peak_rss(log_text: str, samples: list[tuple[float, float]]) -> dict[str, float | None]:
+    """Return the largest sampled RSS in MB within each stage, and before the flow started.
+
+    The log's asctime is local time, as are naive datetimes' ``timestamp()``, so both sides
+    compare as Unix times.
+    """
+    marks = {name: stamp.timestamp() for name, stamp in _stage_marks(log_text).items()}
+
+    def peak(first: float | None, second: float | None) -> float | None:
+        if first is None or second is None:
+            return None
+        inside = [rss for when, rss in samples if first <= when <= second]
+        return round(max(inside), 1) if inside else None
+
+    start = samples[0][0] if samples else None
+    peaks = {"startup_mb": peak(start, marks.get("flow_start"))}
+    for stage, (first, second) in _STAGES.items():
+        peaks[f"{stage}_mb"] = peak(marks.get(first), marks.get(second))
+    return peaks

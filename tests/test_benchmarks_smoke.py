@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 import tomllib
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from benchmarks.config_dir import dump_toml, write_config_dir
-from benchmarks.workloads import stage_durations
+from benchmarks.workloads import stage_durations, stage_peak_rss
 from terralayr_etl.config import PROJECT_ROOT, load_settings
 from terralayr_etl.sandbox.organisation import synthetic_organisation
 
@@ -40,6 +41,18 @@ def test_stage_durations_missing_marker_is_none():
 
     assert stages["models_s"] is None
     assert stages["checks_s"] is None
+
+
+def test_stage_peak_rss_places_samples_in_stages():
+    start = datetime(2026, 1, 1, 10, 0, 0).timestamp()
+    samples = [(start - 1.0, 150.0), (start + 1.5, 300.0), (start + 2.0, 280.0), (start + 2.8, 420.0)]
+
+    peaks = stage_peak_rss(LOG, samples)
+
+    assert peaks["startup_mb"] == 150.0
+    assert peaks["fetch_mb"] == 300.0
+    assert peaks["load_mb"] == 420.0
+    assert peaks["models_mb"] is None
 
 
 def test_dump_toml_round_trips_settings():
