@@ -118,7 +118,7 @@ class SandboxProcess(_Server):
 class PrefectServer(_Server):
     """``prefect server start`` on a free 127.0.0.1 port with its own PREFECT_HOME.
 
-    One server for all runs stands in for the server of a deployment, so each pipeline run
+    One server for all runs plays the part of a deployment's server, so each pipeline run
     skips the temporary server that Prefect starts for a process without PREFECT_API_URL.
     """
 

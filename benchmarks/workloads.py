@@ -41,7 +41,7 @@ class BackfillSpec:
 
 @dataclass
 class Session:
-    """What the workloads of one benchmark invocation share."""
+    """State shared by the workloads of one benchmark invocation."""
 
     work_dir: Path
     base_env: dict[str, str]
