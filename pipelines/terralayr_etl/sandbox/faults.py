@@ -164,17 +164,28 @@ class FaultMiddleware:
             await asyncio.sleep(self.plan.slow_seconds)
 
         served: list[int] = []
+        recorded = False
+
+        async def send_and_record(message) -> None:
+            # Count a corrected response before the client can see it, so a caller that reads
+            # counts() right after its response never misses it.
+            nonlocal recorded
+            if served and not recorded and message["type"] == "http.response.start":
+                recorded = True
+                self.plan.record("corrections", method, path, query, faults.attempt)
+            await send(message)
+
         context_token = corrected_days_served.set(served)
         try:
             if faults.failure in ("reset", "truncate") or faults.content:
                 recorder = _ResponseRecorder()
                 await self.app(scope, receive, recorder)
-                await self._send_changed(send, recorder, faults, method, path, query)
+                await self._send_changed(send_and_record, recorder, faults, method, path, query)
             else:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, send_and_record)
         finally:
             corrected_days_served.reset(context_token)
-        if served:
+        if served and not recorded:
             self.plan.record("corrections", method, path, query, faults.attempt)
 
     async def _authenticate(self, scope, receive, send) -> None:
