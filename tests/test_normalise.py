@@ -361,3 +361,19 @@ def test_normalise_revenue_buckets_rejects_end_before_start():
 def test_normalise_revenue_buckets_rejects_missing_key():
     with pytest.raises(MalformedResponseError, match="bucket 0 has no 'currency' key"):
         _normalise_buckets([{"start": "2024-10-26T22:00:00Z", "end": "2024-10-27T23:00:00Z", "revenue": 1.0}])
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_normalise_bare_non_finite_literal_named(literal: str):
+    body = (
+        '{"data":{"revenue_fcr":[{"timestamp":"2024-10-27T00:00:00Z","value":1.5},'
+        f'{{"timestamp":"2024-10-27T00:15:00Z","value":{literal}}}]}},"metaData":[],"nextCursor":null}}'
+    ).encode()
+
+    with pytest.raises(MalformedResponseError) as raised:
+        _normalise(body)
+
+    message = str(raised.value)
+    assert "revenue_fcr" in message
+    assert "2024-10-27T00:15:00Z" in message
+    assert literal in message

@@ -273,10 +273,32 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes, endpoint: str, describe:
         if isinstance(exc, msgspec.ValidationError):
             problem = _describe_shape_problem(body, describe) or str(exc)
         else:
-            problem = f"the body is not valid JSON ({exc})"
+            problem = _describe_non_finite_literal(body) or f"the body is not valid JSON ({exc})"
         raise MalformedResponseError(
             f"malformed response from {endpoint}: {problem}; the body starts with {_excerpt(body)!r}"
         ) from None
+
+
+_NON_FINITE_LITERAL = re.compile(rb'"value"\s*:\s*(-?Infinity|NaN)')
+_LAST_CATEGORY = re.compile(rb'"([^"]+)"\s*:\s*\[')
+_LAST_TIMESTAMP = re.compile(rb'"timestamp"\s*:\s*"([^"]*)"')
+
+
+def _describe_non_finite_literal(body: bytes) -> str | None:
+    """Name the category and period of a bare NaN or Infinity, which JSON does not allow."""
+    match = _NON_FINITE_LITERAL.search(body)
+    if match is None:
+        return None
+    before = body[: match.start()]
+    categories = _LAST_CATEGORY.findall(before)
+    point_start = before.rfind(b"{")
+    timestamps = _LAST_TIMESTAMP.findall(body[point_start : match.end() + 200])
+    category = categories[-1].decode(errors="replace") if categories else "unknown"
+    timestamp = timestamps[0].decode(errors="replace") if timestamps else "unknown"
+    return (
+        f"category {category} at {timestamp} has value {match.group(1).decode()}, "
+        "which is not a finite number; ask the API provider to send null for a missing value"
+    )
 
 
 def _describe_shape_problem(body: bytes, describe: Any) -> str | None:
