@@ -128,6 +128,9 @@ class FleetSettings(_Strict):
     portfolio_ids: tuple[str, ...]
 
     _check_ids = field_validator("id")(lambda cls, v: validate_entity_id(v))
+    _check_members = field_validator("portfolio_ids")(
+        lambda cls, ids: tuple(validate_entity_id(value, what="portfolio id") for value in ids)
+    )
 
 
 class PhysicalAssetSettings(_Strict):
@@ -136,6 +139,9 @@ class PhysicalAssetSettings(_Strict):
     virtual_asset_ids: tuple[str, ...]
 
     _check_ids = field_validator("id")(lambda cls, v: validate_entity_id(v))
+    _check_members = field_validator("virtual_asset_ids")(
+        lambda cls, ids: tuple(validate_entity_id(value, what="virtual asset id") for value in ids)
+    )
 
 
 class Settings(_Strict):

@@ -1,0 +1,28 @@
+"""Settings files: member ids of fleets and physical assets are validated like entity ids."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from terralayr_etl.config import CONFIG_DIR, load_settings
+from terralayr_etl.errors import TerralayrError
+
+FIRST_MEMBER = '"38421b10-96fe-569f-8d56-bff0ee2dc95b",'
+
+
+@pytest.mark.parametrize("unsafe", ["../p", "a/b"])
+def test_settings_reject_unsafe_member_id(tmp_path: Path, unsafe: str):
+    shutil.copytree(CONFIG_DIR, tmp_path / "config")
+    path = tmp_path / "config" / "terralayr.toml"
+    text = path.read_text()
+    assert FIRST_MEMBER in text
+    path.write_text(text.replace(FIRST_MEMBER, f'"{unsafe}",', 1))
+
+    with pytest.raises(TerralayrError) as raised:
+        load_settings(path)
+
+    assert unsafe in str(raised.value)
+    assert "virtual asset id" in str(raised.value)
