@@ -632,3 +632,27 @@ def test_corrections_start_after_configured_seconds(serve, organisation):
         [CORRECTION_FACTOR * value for value in _values(before)["revenue_wholesale"]], rel=1e-12
     )
     assert _plan(server).counts()["corrections"] == 1
+
+
+def test_faults_from_organisation_config():
+    import dataclasses
+
+    import httpx as plain_httpx
+
+    from terralayr_etl.sandbox.organisation import load_organisation
+    from terralayr_etl.sandbox.server import SandboxServer
+
+    organisation = dataclasses.replace(load_organisation(), faults="503=1")
+    with SandboxServer(organisation=organisation) as server:
+        token = plain_httpx.post(
+            f"{server.base_url}/auth/public/authenticate",
+            json={"username": organisation.username, "password": organisation.password},
+        ).json()["access_token"]
+        response = plain_httpx.get(
+            f"{server.base_url}/organisations/{organisation.id}/virtual-assets",
+            params={"start": "2024-10-20T00:00:00Z", "end": "2024-10-21T00:00:00Z"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+    assert response.status_code == 503
+    assert server.app.state.fault_plan.counts()["503"] == 1

@@ -120,6 +120,8 @@ class Organisation:
     """Fleet id to its portfolio ids."""
     physical_assets: dict[str, tuple[str, ...]]
     """Physical asset id to its virtual-asset ids."""
+    faults: str = ""
+    """Fault injection spec applied when no other is given (docs/faults.md); empty for none."""
 
     @cached_property
     def _by_id(self) -> dict[str, VirtualAssetSpec]:
@@ -182,6 +184,7 @@ class _SandboxSection(_Strict):
     token_lifetime_seconds: int = Field(default=3600, gt=0)
     seed: int = Field(ge=0)
     page_max_values: int = Field(default=400_000, gt=0)
+    faults: str = ""
 
     _check_id = field_validator("organisation_id")(lambda cls, v: _safe_id(v))
 
@@ -319,6 +322,7 @@ def load_organisation(path: Path | None = None) -> Organisation:
         virtual_assets=assets,
         fleets={fleet.id: fleet.portfolio_ids for fleet in parsed.fleets},
         physical_assets={physical.id: physical.virtual_asset_ids for physical in parsed.physical_assets},
+        faults=section.faults,
     )
 
 

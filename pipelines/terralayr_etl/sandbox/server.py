@@ -57,6 +57,8 @@ class SandboxServer:
         self.settings = settings or load_settings()
         self.organisation = organisation or load_organisation()
         self.engine = engine or Engine(self.organisation, seed=seed)
+        # An explicit spec (CLI, tests) wins over the organisation's configured one.
+        faults = faults if faults is not None else (self.organisation.faults or None)
         self.app = app or create_app(self.settings, self.organisation, self.engine, latency_ms=latency_ms, faults=faults)
         self.host = host
         self._socket = bind_socket(host, port)
@@ -106,6 +108,7 @@ def serve_forever(
         organisation = synthetic_organisation(virtual_assets, seed=seed or 1)
     else:
         organisation = load_organisation()
+    faults = faults if faults is not None else (organisation.faults or None)
     app = create_app(settings, organisation, Engine(organisation, seed=seed), latency_ms=latency_ms, faults=faults)
     sock = bind_socket(host, port)
     print(f"Sandbox listening on http://{host}:{sock.getsockname()[1]} (organisation {organisation.id})", flush=True)
