@@ -207,6 +207,10 @@ def _print_run(summary: dict) -> None:
         f"{summary['windows']} windows, {summary['requests']} requests, {summary['retries']} retries, "
         f"{summary['rows_loaded']} rows loaded"
     )
+    from terralayr_etl.run_report import describe_recovered_problems
+
+    for line in describe_recovered_problems(summary.get("report") or {}):
+        typer.echo(line)
     checks = summary["checks"]
     if checks.get("skipped"):
         typer.echo("Checks: skipped (--skip-checks); run 'terralayr-etl check' to build the models and run them")

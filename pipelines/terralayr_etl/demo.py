@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 
 from terralayr_etl.config import load_settings
-from terralayr_etl.run_report import exit_status, failure_line
+from terralayr_etl.run_report import describe_recovered_problems, exit_status, failure_line
 from terralayr_etl.sandbox.organisation import load_organisation
 from terralayr_etl.sandbox.server import SandboxServer
 
@@ -64,6 +64,8 @@ def print_summary(summary: dict, data_dir: Path) -> None:
     for resolution, count in resolutions:
         print(f"  {resolution:<16} {count:>10,}")
     print(f"Rows in revenue_buckets: {buckets:,}")
+    for line in describe_recovered_problems(summary.get("report") or {}):
+        print(line)
     print(f"Checks: {checks['passed']:,} passed, {checks['failed']:,} failed")
     for name, counts in sorted(checks["by_check"].items()):
         print(f"  {name:<44} pass {counts.get('pass', 0):>7,}  fail {counts.get('fail', 0):>5,}")

@@ -116,3 +116,18 @@ def failure_line(summary: dict[str, Any]) -> str:
         f"run {summary['run_id']} finished incomplete: {'; '.join(parts)}; the requests, errors and payloads "
         f"are in {where}; rerun the same command to fetch the missing data again"
     )
+
+
+def describe_recovered_problems(report: dict[str, Any]) -> list[str]:
+    """Return one summary line per problem the run recovered from, for the CLI and the demo."""
+    lines = []
+    if report.get("quarantined_payloads"):
+        lines.append(
+            f"{report['quarantined_payloads']} unparseable payloads were kept in {report['quarantine_dir']} "
+            "and their windows fetched again"
+        )
+    if report.get("unknown_categories"):
+        lines.append(f"Unknown categories kept: {', '.join(report['unknown_categories'])}")
+    if report.get("missing_categories"):
+        lines.append(f"Categories absent after re-fetching: {', '.join(report['missing_categories'])}")
+    return lines
