@@ -95,10 +95,15 @@ def log_report(report: dict[str, Any], failures: Sequence[FailedWindow], log: lo
 
 def exit_status(summary: dict[str, Any]) -> int:
     """Return the CLI exit status of a finished run: 3 when it left data out, 1 when a check
-    failed, else 0."""
+    failed, 4 when every window loaded but some payloads could not be parsed at first and were
+    quarantined, else 0."""
     if summary["status"] == "failed":
         return 3
-    return 0 if summary["checks"]["failed"] == 0 else 1
+    if summary["checks"]["failed"]:
+        return 1
+    if (summary.get("report") or {}).get("quarantined_payloads"):
+        return 4
+    return 0
 
 
 def failure_line(summary: dict[str, Any]) -> str:
