@@ -22,7 +22,7 @@ SYNTHETIC_SEED = 1
 
 @dataclass(frozen=True)
 class BenchOrganisation:
-    """What a pipeline process needs to reach the synthetic organisation."""
+    """Environment and config folder with which a pipeline process reaches the synthetic organisation."""
 
     config_dir: Path
     organisation_id: str

@@ -143,7 +143,7 @@ class PrefectServer(_Server):
                 pass
             time.sleep(0.25)
         self.stop()
-        raise BenchmarkError(f"the Prefect server did not answer within {START_TIMEOUT_S:g} s; see {self.stderr_path}")
+        raise BenchmarkError(f"the Prefect server did not respond within {START_TIMEOUT_S:g} s; see {self.stderr_path}")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ Rules across entities (members into a portfolio, fleet or physical asset, per pe
 - ``weighted``: weighted mean by ``weight``, as over time.
 - ``max``: the period's value is shared by all members, such as FCR delivery hours,
   which measure time and do not add up across members.
-- ``mean``: plain mean of the members that report a value (market prices that every
-  member sees alike).
+- ``mean``: plain mean of the members that report a value (market prices that are the
+  same for every member).
 - ``capacity_weighted``: mean weighted by each member's rated capacity in MW, over the
   members that report a value (contract prices).
 - ``net_off``: ``min(sum of buy volume, sum of sell volume)`` of the members, the energy

@@ -6,7 +6,7 @@ Exit status:
 - 1: a check failed.
 - 2: a user error (bad config, missing credentials, wrong password, unknown resolution, a
   locked warehouse), printed as one line on stderr without a traceback.
-- 3: the run finished but left windows or virtual assets out. One line on stderr says so and
+- 3: the run finished but left windows or virtual assets out. One line on stderr reports it and
   names the quarantine folder with the details.
 """
 

@@ -19,7 +19,7 @@ class AuthenticationError(TerralayrError):
 
 
 class ApiError(TerralayrError):
-    """The API answered with an error that retries did not resolve."""
+    """The API returned an error that retries did not resolve."""
 
     def __init__(self, message: str, *, status_code: int | None = None, url: str | None = None):
         super().__init__(message)
@@ -53,4 +53,4 @@ class MalformedResponseError(TerralayrError):
 
 
 class WarehouseLockedError(TerralayrError):
-    """Another process holds the warehouse."""
+    """Another process has locked the warehouse."""

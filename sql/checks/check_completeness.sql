@@ -5,7 +5,7 @@
 -- checked (days with any row for that entity and resolution), and every documented category
 -- that an entity of the same type reports at that resolution is due. Categories the API sends
 -- but the project does not know are kept in datapoints and reported by the run, but not
--- checked here, because nothing says on which days they are due.
+-- checked here, because no rule states on which days they are due.
 -- Grain: one row per (check_name, entity, category, local day); tolerance 0 rows.
 
 with

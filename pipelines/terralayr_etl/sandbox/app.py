@@ -38,7 +38,7 @@ _INCLUSIVE_END = timedelta(microseconds=1)
 
 
 class ApiProblem(Exception):
-    """An error the sandbox answers with its JSON error body."""
+    """An error the sandbox returns as its JSON error body."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
