@@ -37,7 +37,7 @@ from robust_support import (
     write_small_org,
 )
 
-from terralayr_etl import flows
+from terralayr_etl import batches, flows
 from terralayr_etl.client import ApiClient
 from terralayr_etl.categories import CATEGORY_NAMES
 from terralayr_etl.config import Credentials, load_settings
@@ -148,12 +148,12 @@ def test_flow_malformed_window_quarantined_and_left_out(org: SmallOrg, prefect_h
     assert f"{VA_LARGE}/hourly" in watermarks
 
 
-def test_prefect_retry_refetches_and_errors_fail_window(org: SmallOrg, prefect_harness, tmp_path) -> None:
+def test_window_retry_refetches_and_errors_fail_window(org: SmallOrg, prefect_harness, tmp_path) -> None:
     """The client makes 2 attempts per request. VA-S's daily window gets two 500s, so its first
-    task run fails and the Prefect retry fetches it. VA-L's daily window gets 500 on every
-    attempt of every task run and is reported as failed, never loaded as an empty window."""
+    fetch fails and the window retry fetches it. VA-L's daily window gets 500 on every attempt
+    of every fetch and is reported as failed, never loaded as an empty window."""
     data_dir = tmp_path / "data"
-    task_runs = 1 + flows.FETCH_TASK_RETRIES
+    task_runs = 1 + batches.WINDOW_RETRIES
     with serve_small_org(org, scripted=True) as (server, scripted):
         scripted.script(VA_SMALL_PATH, Reply(status=500), Reply(status=500), query_contains="resolution=daily")
         scripted.script(VA_LARGE_PATH, *[Reply(status=500)] * (2 * task_runs), query_contains="resolution=daily")
@@ -171,7 +171,7 @@ def test_prefect_retry_refetches_and_errors_fail_window(org: SmallOrg, prefect_h
 
 
 def test_prefect_fetch_tasks_never_share_results(org: SmallOrg, prefect_harness, tmp_path) -> None:
-    """Each task run fetches its own window: a job mapped twice is requested twice, and every
+    """Each task run fetches its own windows: a job listed twice is requested twice, and every
     result carries its own job and only rows of its own entity and window."""
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner

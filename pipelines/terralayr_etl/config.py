@@ -112,6 +112,8 @@ class PipelineSettings(_Strict):
     fetch_revenue_buckets: bool = True
     refetch_attempts: int = Field(default=3, ge=0, le=20)
     """Extra fetches of a window whose response could not be parsed or lacks a requested category."""
+    windows_per_task: int = Field(default=16, ge=1, le=10_000)
+    """Request windows of one entity fetched one after another by one Prefect task run."""
 
     @field_validator("resolutions")
     @classmethod

@@ -1,4 +1,4 @@
-"""Prefect flow ``nightly``: discover, fetch per (entity, resolution, window), load, model, check.
+"""Prefect flow ``nightly``: discover, fetch per-entity batches of windows, load, model, check.
 
 The flow stays thin; the work lives in ``pipeline.py``, ``fetching.py``, ``boundaries.py``,
 ``warehouse.py`` and ``models.py``. Objects that cannot travel as task parameters (the pooled
@@ -17,6 +17,7 @@ import threading
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ from terralayr_etl import __version__
 from terralayr_etl.boundaries import BoundaryReport, resolve_outside_rows
 from terralayr_etl.client import ApiClient
 from terralayr_etl.config import Settings, load_credentials, load_settings
-from terralayr_etl.errors import ApiError, TerralayrError
+from terralayr_etl.batches import fetch_batch, is_transient, plan_batches
+from terralayr_etl.errors import TerralayrError
 from terralayr_etl.fetching import fetch_window
 from terralayr_etl.models import run_checks, run_models
 from terralayr_etl.pipeline import (
@@ -45,16 +47,12 @@ from terralayr_etl.pipeline import (
     resolve_span,
 )
 from terralayr_etl.quarantine import Quarantine
-from terralayr_etl.responses import RETRY_STATUS_CODES
 from terralayr_etl.run_report import FailedWindow, build_report, log_report
 from terralayr_etl.storage import ParquetStore
 from terralayr_etl.timeutil import local_day_of
 from terralayr_etl.warehouse import Warehouse
 
 logger = logging.getLogger("terralayr_etl.flows")
-
-FETCH_TASK_RETRIES = 2
-FETCH_TASK_RETRY_DELAY_SECONDS = 2
 
 
 class _NoTracebackForProjectErrors(logging.Filter):
@@ -101,10 +99,8 @@ def _retry_transient_failures(task: Any, task_run: Any, state: Any) -> bool:
     payload (already fetched again inside the task) or a rejected request."""
     try:
         state.result()
-    except ApiError as exc:
-        return exc.status_code is None or exc.status_code in RETRY_STATUS_CODES
-    except Exception:
-        return False
+    except Exception as exc:
+        return is_transient(exc)
     return False
 
 
@@ -122,26 +118,20 @@ def discover_task(run_id: str, settings: Settings, start_day: date, end_day: dat
     )
 
 
-# NO_CACHE: a task run must never return the result of another window or entity, and a
-# retried task must fetch again instead of replaying a stored result.
-@task(
-    name="fetch-window",
-    retries=FETCH_TASK_RETRIES,
-    retry_delay_seconds=FETCH_TASK_RETRY_DELAY_SECONDS,
-    retry_condition_fn=_retry_transient_failures,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def fetch_window_task(run_id: str, job: FetchJob) -> WindowResult:
+# NO_CACHE: a task run must never return the result of other windows, and each run must
+# fetch instead of replaying a stored result.
+@task(name="fetch-windows", cache_policy=NO_CACHE, persist_result=False)
+def fetch_windows_task(run_id: str, jobs: list[FetchJob]) -> list[WindowResult | FailedWindow]:
     runtime = _runtime(run_id)
-    return fetch_window(
+    fetch = partial(
+        fetch_window,
         runtime.client,
         runtime.store,
-        job,
-        run_id,
+        run_id=run_id,
         quarantine=runtime.quarantine,
         refetch_attempts=runtime.refetch_attempts,
     )
+    return fetch_batch(fetch, jobs)
 
 
 @task(name="load", cache_policy=NO_CACHE, persist_result=False)
@@ -171,28 +161,28 @@ def model_and_check_task(warehouse: Warehouse, skip: bool = False) -> dict:
     return asdict(summary)
 
 
-def _fetch_all(run_id: str, jobs: list[FetchJob]) -> tuple[list[WindowResult], list[FailedWindow]]:
-    """Fetch every window on the task runner's thread pool, logging progress every tenth.
+def _fetch_all(run_id: str, jobs: list[FetchJob], windows_per_task: int = 16) -> tuple[list[WindowResult], list[FailedWindow]]:
+    """Fetch every window in per-entity batches on the task runner's thread pool.
 
-    A window whose task failed with a TerralayrError becomes a FailedWindow; any other error
-    is a bug and is raised. Results come back sorted by window, not by completion time.
+    Progress is logged about every tenth of the windows. Results come back sorted by window,
+    not by completion time.
     """
     log = get_run_logger()
-    futures = list(fetch_window_task.map(run_id, jobs))
-    job_of = {future.task_run_id: job for future, job in zip(futures, jobs, strict=True)}
+    batches = plan_batches(jobs, windows_per_task)
+    futures = list(fetch_windows_task.map(run_id, batches))
     results: list[WindowResult] = []
     failures: list[FailedWindow] = []
     step = max(1, len(jobs) // 10)
-    for done, future in enumerate(as_completed(futures), start=1):
-        outcome = future.result(raise_on_failure=False)
-        if isinstance(outcome, TerralayrError):
-            failures.append(FailedWindow(job_of[future.task_run_id], type(outcome).__name__, str(outcome)))
-        elif isinstance(outcome, BaseException):
-            raise outcome
-        else:
-            results.append(outcome)
-        if done % step == 0 or done == len(jobs):
-            log.info("Fetched %d of %d windows (%d failed)", done, len(jobs), len(failures))
+    done = 0
+    for future in as_completed(futures):
+        for outcome in future.result():
+            if isinstance(outcome, FailedWindow):
+                failures.append(outcome)
+            else:
+                results.append(outcome)
+            done += 1
+            if done % step == 0 or done == len(jobs):
+                log.info("Fetched %d of %d windows (%d failed)", done, len(jobs), len(failures))
     results.sort(key=lambda result: _job_order(result.job))
     failures.sort(key=lambda failure: _job_order(failure.job))
     return results, failures
@@ -279,7 +269,7 @@ def nightly(
             )
             discovery, jobs = _plan(run_id, settings, warehouse, span, resolutions)
             log.info("Planned %d request windows for %d entities", len(jobs), len(discovery.entities))
-            results, failures = _fetch_all(run_id, jobs)
+            results, failures = _fetch_all(run_id, jobs, settings.pipeline.windows_per_task)
             boundary = resolve_outside_rows(results, store)
             rows = load_task(warehouse, discovery, results, boundary.files)
             failed_series = sorted({failure.job.series_key() for failure in failures})

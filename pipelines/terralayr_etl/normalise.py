@@ -160,7 +160,7 @@ def _normalise_datapoints(
         values.extend([point.value for point in points])
     labels = _Labels("category", categories, lengths, timestamps, endpoint)
 
-    period_start = _parse_timestamps(timestamps, labels)
+    period_start = _parse_series_timestamps(timestamps, lengths, labels)
     value = _parse_values(values, labels)
     units = _units_by_category(decoded.meta_data, categories)
     row_count = len(timestamps)
@@ -400,14 +400,37 @@ def _describe_buckets_problem(document: object) -> str | None:
     return None
 
 
-def _parse_timestamps(timestamps: list[str], labels: _Labels) -> pa.Array:
+def _parse_series_timestamps(timestamps: list[str], lengths: list[int], labels: _Labels) -> pa.Array:
+    """Parse the timestamps of consecutive series, parsing each distinct run of strings once.
+
+    The categories of one response usually share their timestamps, so a series whose strings
+    equal the previous series' strings reuses that series' parsed array. Comparing two lists
+    of strings costs far less than converting and parsing them again.
+    """
+    parts: list[pa.Array] = []
+    previous: list[str] | None = None
+    parsed: pa.Array | None = None
+    offset = 0
+    for length in lengths:
+        strings = timestamps[offset : offset + length]
+        if parsed is None or strings != previous:
+            parsed = _parse_timestamps(strings, labels, offset)
+            previous = strings
+        parts.append(parsed)
+        offset += length
+    if not parts:
+        return pa.array([], UTC_TIMESTAMP)
+    return pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+
+
+def _parse_timestamps(timestamps: list[str], labels: _Labels, offset: int = 0) -> pa.Array:
     """Convert RFC 3339 strings with ``Z`` or an offset to UTC microsecond timestamps."""
     strings = pa.array(timestamps, pa.string())
     try:
         return pc.cast(strings, UTC_TIMESTAMP)
     except pa.ArrowInvalid:
         index, text = _first_unparsable_timestamp(strings)
-        series = labels.series_of(index)
+        series = labels.series_of(offset + index)
         try:
             pc.cast(pa.array([text], pa.string()), pa.timestamp("us"))
         except pa.ArrowInvalid:
@@ -480,7 +503,7 @@ def _drop_earlier_duplicates(
     table: pa.Table, key: list[str], instant_column: str, endpoint: str
 ) -> tuple[pa.Table, int]:
     """Keep the last row of each key in list order, log the dropped ones and count them."""
-    if _strictly_increasing_per_series(table, key, instant_column):
+    if strictly_increasing_per_series(table, key, instant_column):
         return table, 0
 
     frame = pl.from_arrow(table)
@@ -505,7 +528,7 @@ def _drop_earlier_duplicates(
     return kept, dropped.height
 
 
-def _strictly_increasing_per_series(table: pa.Table, key: list[str], instant_column: str) -> bool:
+def strictly_increasing_per_series(table: pa.Table, key: list[str], instant_column: str) -> bool:
     """Return True when instants rise strictly within each series, which rules out duplicates.
 
     Each series must be contiguous, which is true within one response because the keys of

@@ -39,7 +39,7 @@ from terralayr_etl.config import ENTITY_TYPES, RESOLUTIONS
 from terralayr_etl.resources import CPU_SLOTS
 from terralayr_etl.errors import InvalidEntityIdError, TerralayrError
 from terralayr_etl.ids import validate_entity_id
-from terralayr_etl.normalise import BUCKET_SCHEMA, LONG_SCHEMA
+from terralayr_etl.normalise import BUCKET_SCHEMA, LONG_SCHEMA, strictly_increasing_per_series
 from terralayr_etl.timeutil import LOCAL_TZ, file_block_start, local_day_of
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class _Dataset:
     key: tuple[str, ...]
     """Columns inside a file that identify a row. A new row replaces a stored row with the same key."""
     sort_key: tuple[str, ...]
-    """Row order inside a file; entity_id is left out because each file contains one entity."""
+    """Row order inside a merged file; entity_id is left out because each file contains one
+    entity. A new file keeps the order of its response, whose series are already contiguous."""
 
     @property
     def file_schema(self) -> pa.Schema:
@@ -164,7 +165,7 @@ class ParquetStore:
         if single is not None:
             path = self._file_path(dataset, single)
             with _lock_for(path):
-                self._merge_into(dataset, path, pl.from_arrow(arrow.drop_columns(list(dataset.partition_columns))))
+                self._merge_into(dataset, path, arrow.drop_columns(list(dataset.partition_columns)))
             return [path]
 
         frame = pl.from_arrow(arrow)
@@ -200,7 +201,15 @@ class ParquetStore:
             )
         return resolved
 
-    def _merge_into(self, dataset: _Dataset, path: Path, new_rows: pl.DataFrame) -> None:
+    def _merge_into(self, dataset: _Dataset, path: Path, new_rows: pa.Table | pl.DataFrame) -> None:
+        if isinstance(new_rows, pa.Table):
+            if not path.exists() and _keys_unique(new_rows, dataset):
+                # The common case of a backfill: a new file whose rows need no merge and no
+                # de-duplication, written in the order the API sent them.
+                _write_atomically(new_rows.select(dataset.file_schema.names).cast(dataset.file_schema), path)
+                logger.debug("Wrote %d rows to %s (new file)", new_rows.num_rows, path)
+                return
+            new_rows = pl.from_arrow(new_rows)
         key = list(dataset.key)
         new_rows = _sorted_last_per_key(new_rows, list(dataset.sort_key))
         merged = new_rows
@@ -246,6 +255,29 @@ def _single_file_values(dataset: _Dataset, table: pa.Table) -> dict[str, str] | 
     values["month"] = first.strftime("%Y-%m")
     values["block"] = first.isoformat()
     return values
+
+
+def _keys_unique(table: pa.Table, dataset: _Dataset) -> bool:
+    """Return True when no two rows of one file's ``table`` share a key, checked without hashing.
+
+    That holds when each series (the sort key without its instant) forms one contiguous run
+    of rows whose instants rise strictly, as in a single response. A False result only means
+    that the caller sorts and de-duplicates.
+    """
+    if table.num_rows < 2:
+        return True
+    if not strictly_increasing_per_series(table, list(dataset.sort_key), dataset.instant_column):
+        return False
+    for name in dataset.sort_key:
+        if name == dataset.instant_column:
+            continue
+        column = table[name].combine_chunks()
+        if column.null_count:
+            return False
+        changes = pc.sum(pc.not_equal(column.slice(1), column.slice(0, len(column) - 1))).as_py()
+        if changes + 1 != pc.count_distinct(column).as_py():
+            return False
+    return True
 
 
 def _block_inputs(dataset: _Dataset) -> list[str]:
