@@ -24,6 +24,7 @@ from terralayr_etl.errors import MalformedResponseError
 from terralayr_etl.normalise import UTC_TIMESTAMP, normalise_datapoints, normalise_revenue_buckets
 from terralayr_etl.pipeline import FetchJob, WindowResult
 from terralayr_etl.quarantine import Quarantine
+from terralayr_etl.resources import CPU_SLOTS
 from terralayr_etl.storage import ParquetStore
 from terralayr_etl.timeutil import isoformat_z
 
@@ -59,7 +60,41 @@ def fetch_window(
     Raises MalformedResponseError when every fetch was malformed, and ApiError when the client
     gave up on a request.
     """
-    fetch_once = partial(_fetch_buckets_once if job.product else _fetch_datapoints_once, client, job, run_id)
+    slot = _CpuSlot()
+    try:
+        return _fetch_and_write(client, store, job, run_id, slot, quarantine, refetch_attempts)
+    finally:
+        slot.release()
+
+
+class _CpuSlot:
+    """One of ``CPU_SLOTS``, taken once a window's responses are in and kept until its rows
+    are written. It is given back before the next download of a re-fetch."""
+
+    def __init__(self) -> None:
+        self._taken = False
+
+    def take(self) -> None:
+        if not self._taken:
+            CPU_SLOTS.__enter__()
+            self._taken = True
+
+    def release(self) -> None:
+        if self._taken:
+            self._taken = False
+            CPU_SLOTS.__exit__(None, None, None)
+
+
+def _fetch_and_write(
+    client: ApiClient,
+    store: ParquetStore,
+    job: FetchJob,
+    run_id: str,
+    slot: _CpuSlot,
+    quarantine: Quarantine | None,
+    refetch_attempts: int,
+) -> WindowResult:
+    fetch_once = partial(_fetch_buckets_once if job.product else _fetch_datapoints_once, client, job, run_id, slot)
     fetched, fetches = _fetch_with_refetches(fetch_once, job, quarantine, refetch_attempts)
 
     result = WindowResult(
@@ -133,8 +168,10 @@ def _fetch_with_refetches(
     ) from None
 
 
-def _fetch_datapoints_once(client: ApiClient, job: FetchJob, run_id: str) -> _Fetched:
+def _fetch_datapoints_once(client: ApiClient, job: FetchJob, run_id: str, slot: _CpuSlot) -> _Fetched:
+    slot.release()
     responses = client.fetch_datapoints(job.entity_type, job.entity_id, job.resolution, job.window_start, job.window_end)
+    slot.take()
     pages = []
     missing: set[str] = set()
     for response in responses:
@@ -169,9 +206,11 @@ def _fetch_datapoints_once(client: ApiClient, job: FetchJob, run_id: str) -> _Fe
     )
 
 
-def _fetch_buckets_once(client: ApiClient, job: FetchJob, run_id: str) -> _Fetched:
+def _fetch_buckets_once(client: ApiClient, job: FetchJob, run_id: str, slot: _CpuSlot) -> _Fetched:
     assert job.product is not None
+    slot.release()
     response = client.fetch_revenue_buckets(job.entity_id, job.product, job.window_start, job.window_end)
+    slot.take()
     try:
         table = normalise_revenue_buckets(
             response.body,

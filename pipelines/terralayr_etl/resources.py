@@ -23,8 +23,33 @@ import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
-CPU_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
-"""Held while a response is normalised and while rows are written to Parquet."""
+class ReentrantSlots:
+    """A counting semaphore that the thread holding a slot can enter again without blocking.
+
+    Use it as a context manager. A thread takes one slot at its outermost ``with`` and gives it
+    back when that block ends.
+    """
+
+    def __init__(self, count: int):
+        self._semaphore = threading.BoundedSemaphore(count)
+        self._local = threading.local()
+
+    def __enter__(self) -> ReentrantSlots:
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            self._semaphore.acquire()
+        self._local.depth = depth + 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._local.depth -= 1
+        if self._local.depth == 0:
+            self._semaphore.release()
+
+
+CPU_SLOTS = ReentrantSlots(max(2, os.cpu_count() or 2))
+"""Held from the moment a window's responses are in until its rows are written to Parquet,
+so that threads waiting for a slot hold only response bodies, not normalised tables."""
 
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8

@@ -91,15 +91,15 @@ _REVENUE_BUCKETS = _Dataset(
     sort_key=("bucket_start",),
 )
 
-# One lock per target file, shared by every ParquetStore in this process, so that threads
-# writing windows of the same entity and month merge one after another.
-_FILE_LOCKS: dict[Path, threading.Lock] = {}
-_FILE_LOCKS_GUARD = threading.Lock()
+# Locks shared by every ParquetStore in this process, so that threads writing to the same
+# file merge one after another. A file maps to one of a fixed set of locks, because a lock per
+# file would grow with every file a long backfill writes. Two files may share a lock, which
+# only makes their writes wait for each other.
+_FILE_LOCKS = tuple(threading.Lock() for _ in range(256))
 
 
 def _lock_for(path: Path) -> threading.Lock:
-    with _FILE_LOCKS_GUARD:
-        return _FILE_LOCKS.setdefault(path, threading.Lock())
+    return _FILE_LOCKS[hash(str(path)) % len(_FILE_LOCKS)]
 
 
 class ParquetStore:
