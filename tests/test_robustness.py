@@ -41,7 +41,7 @@ from terralayr_etl import batches, flows
 from terralayr_etl.client import ApiClient
 from terralayr_etl.categories import CATEGORY_NAMES
 from terralayr_etl.config import Credentials, load_settings
-from terralayr_etl.errors import ApiError
+from terralayr_etl.errors import ApiError, MalformedResponseError
 from terralayr_etl.flows import run_nightly
 from terralayr_etl.pipeline import Discovery, Entity, FetchJob, plan_jobs, plan_starts
 from terralayr_etl.quarantine import Quarantine
@@ -470,6 +470,27 @@ def test_cli_second_process_gets_lock_error(org: SmallOrg, prefect_harness, tmp_
     expected = f"warehouse {data_dir / 'warehouse.duckdb'} is in use by another terralayr-etl process (pid {first.pid})"
     assert expected in second_lines[0]
     assert first.returncode == 0, first_log.read_text()[-3000:]
+
+
+def test_flow_unparsable_listing_names_quarantine(org: SmallOrg, prefect_harness, tmp_path) -> None:
+    """The virtual-asset list is truncated on every fetch: the run stops with an error that
+    names the quarantine folder, which holds each fetched payload."""
+    data_dir = tmp_path / "data"
+    listing = f"/organisations/{org.organisation.id}/virtual-assets"
+    fetches = 1 + org.settings.pipeline.refetch_attempts
+    with serve_small_org(org, scripted=True) as (server, scripted):
+        scripted.script(listing, *[Reply(truncate=True)] * fetches)
+        with pytest.raises(MalformedResponseError) as caught:
+            _run(org, server, data_dir, start=START, end=END)
+        served = scripted.served_to(listing)
+
+    message = str(caught.value)
+    assert len(served) == fetches
+    assert f"could not be parsed in {fetches} fetches" in message
+    folders = list((data_dir / "quarantine").iterdir())
+    assert len(folders) == 1
+    assert str(folders[0]) in message
+    assert len(list(folders[0].glob("*-virtual-assets.json"))) == fetches
 
 
 def test_flow_project_error_logged_without_traceback(

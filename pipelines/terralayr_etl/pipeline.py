@@ -119,7 +119,11 @@ def _list_virtual_assets(
                 request = {"path": exc.endpoint, "params": exc.params}
                 quarantine.add("virtual-assets", exc, request=request, body=exc.body, attempt=attempt)
             if attempt > refetch_attempts:
-                raise
+                where = f"; the payloads are in {quarantine.folder}" if quarantine is not None else ""
+                raise MalformedResponseError(
+                    f"the virtual-asset list could not be parsed in {attempt} fetches, so the run stopped{where}. "
+                    f"Last error: {exc}"
+                ) from None
             logger.warning("Listing the virtual assets again (%d of %d re-fetches): %s", attempt, refetch_attempts, exc)
     raise AssertionError("the re-fetch loop ended without a result")
 
