@@ -15,7 +15,6 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import msgspec
 import numpy as np
@@ -26,6 +25,7 @@ import pyarrow.compute as pc
 from terralayr_etl.categories import CATEGORIES, unit_of
 from terralayr_etl.resources import CPU_SLOTS
 from terralayr_etl.errors import MalformedResponseError
+from terralayr_etl.response_problems import decode_or_explain, describe_buckets_problem, describe_datapoints_problem
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ BUCKET_SCHEMA = pa.schema(
 )
 """One row per virtual asset, revenue product and bucket (a Europe/Berlin delivery day)."""
 
-_EXCERPT_BYTES = 200
 _MAX_DUPLICATE_WARNINGS = 5
 # A numeric string must match the JSON number grammar, because float() alone would also
 # accept "nan", "infinity", "1_000" and surrounding whitespace.
@@ -149,7 +148,7 @@ def _normalise_datapoints(
     fetched_at: datetime,
     endpoint: str,
 ) -> NormalisedPage:
-    decoded = _decode(_DATAPOINTS_DECODER, body, endpoint, _describe_datapoints_problem)
+    decoded = decode_or_explain(_DATAPOINTS_DECODER, body, endpoint, describe_datapoints_problem)
     categories = tuple(decoded.data)
     lengths = [len(points) for points in decoded.data.values()]
 
@@ -209,7 +208,7 @@ def normalise_revenue_buckets(
     ``revenue_eur`` stores amounts in EUR only. Of two buckets with the same start, the later one is kept.
     """
     _require_aware(fetched_at)
-    buckets = _decode(_BUCKETS_DECODER, body, endpoint, _describe_buckets_problem)
+    buckets = decode_or_explain(_BUCKETS_DECODER, body, endpoint, describe_buckets_problem)
     starts = [bucket.start for bucket in buckets]
     ends = [bucket.end for bucket in buckets]
     revenues = [bucket.revenue for bucket in buckets]
@@ -263,141 +262,6 @@ class _Labels:
 def _require_aware(fetched_at: datetime) -> None:
     if fetched_at.tzinfo is None:
         raise ValueError(f"fetched_at {fetched_at.isoformat()} has no time zone; pass a UTC datetime")
-
-
-def _decode(decoder: msgspec.json.Decoder, body: bytes, endpoint: str, describe: Any) -> Any:
-    try:
-        return decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        # msgspec.ValidationError subclasses DecodeError, so the shape case goes first.
-        if isinstance(exc, msgspec.ValidationError):
-            problem = _describe_shape_problem(body, describe) or str(exc)
-        else:
-            problem = _describe_non_finite_literal(body) or f"the body is not valid JSON ({exc})"
-        raise MalformedResponseError(
-            f"malformed response from {endpoint}: {problem}; the body starts with {_excerpt(body)!r}"
-        ) from None
-
-
-_NON_FINITE_LITERAL = re.compile(rb'"value"\s*:\s*(-?Infinity|NaN)')
-_LAST_CATEGORY = re.compile(rb'"([^"]+)"\s*:\s*\[')
-_LAST_TIMESTAMP = re.compile(rb'"timestamp"\s*:\s*"([^"]*)"')
-
-
-def _describe_non_finite_literal(body: bytes) -> str | None:
-    """Name the category and period of a bare NaN or Infinity, which JSON does not allow."""
-    match = _NON_FINITE_LITERAL.search(body)
-    if match is None:
-        return None
-    before = body[: match.start()]
-    categories = _LAST_CATEGORY.findall(before)
-    point_start = before.rfind(b"{")
-    timestamps = _LAST_TIMESTAMP.findall(body[point_start : match.end() + 200])
-    category = categories[-1].decode(errors="replace") if categories else "unknown"
-    timestamp = timestamps[0].decode(errors="replace") if timestamps else "unknown"
-    return (
-        f"category {category} at {timestamp} has value {match.group(1).decode()}, "
-        "which is not a finite number; ask the API provider to send null for a missing value"
-    )
-
-
-def _describe_shape_problem(body: bytes, describe: Any) -> str | None:
-    try:
-        document = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        # A number beyond the float64 range fails even the untyped decode.
-        return str(exc)
-    return describe(document)
-
-
-def _excerpt(body: bytes) -> str:
-    text = body[:_EXCERPT_BYTES].decode("utf-8", errors="replace")
-    return text + ("..." if len(body) > _EXCERPT_BYTES else "")
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, dict):
-        return "object"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, str):
-        return "string"
-    return "number"
-
-
-def _json_text(value: object) -> str:
-    return msgspec.json.encode(value).decode()
-
-
-def _describe_datapoints_problem(document: object) -> str | None:
-    """Name the first shape problem in a generically decoded data-point body."""
-    if not isinstance(document, dict):
-        return f"the body is a JSON {_json_type(document)}, expected an object with a 'data' key"
-    if "data" not in document:
-        return "the key 'data' is missing"
-    data = document["data"]
-    if not isinstance(data, dict):
-        return f"'data' is a JSON {_json_type(data)}, expected an object that maps categories to point lists"
-
-    for category, points in data.items():
-        if not isinstance(points, list):
-            return f"the points of category {category} are a JSON {_json_type(points)}, expected an array"
-        for index, point in enumerate(points):
-            problem = _describe_point_problem(point, f"point {index} of category {category}")
-            if problem:
-                return problem
-
-    meta_data = document.get("metaData")
-    if meta_data is not None:
-        if not isinstance(meta_data, list):
-            return f"'metaData' is a JSON {_json_type(meta_data)}, expected an array"
-        for index, entry in enumerate(meta_data):
-            if not isinstance(entry, dict) or not isinstance(entry.get("dataPointName"), str):
-                return f"metaData entry {index} ({_json_text(entry)}) has no string 'dataPointName'"
-            if entry.get("unit") is not None and not isinstance(entry["unit"], str):
-                return f"the unit {_json_text(entry['unit'])} of metaData entry {index} is not a string"
-    cursor = document.get("nextCursor")
-    if cursor is not None and not isinstance(cursor, str):
-        return f"'nextCursor' is a JSON {_json_type(cursor)}, expected a string or null"
-    return None
-
-
-def _describe_point_problem(point: object, where: str) -> str | None:
-    if not isinstance(point, dict):
-        return f"{where} is a JSON {_json_type(point)}, expected an object"
-    for key in ("timestamp", "value"):
-        if key not in point:
-            return f"{where} has no '{key}' key"
-    timestamp = point["timestamp"]
-    if not isinstance(timestamp, str):
-        return f"the timestamp {_json_text(timestamp)} of {where} is a JSON {_json_type(timestamp)}, expected a string"
-    value = point["value"]
-    if _json_type(value) not in ("number", "string", "null"):
-        return f"the value {_json_text(value)} of {where} at {timestamp} is a JSON {_json_type(value)}, expected a number or null"
-    return None
-
-
-def _describe_buckets_problem(document: object) -> str | None:
-    """Name the first shape problem in a generically decoded revenue-bucket body."""
-    if not isinstance(document, list):
-        return f"the body is a JSON {_json_type(document)}, expected an array of buckets"
-    for index, bucket in enumerate(document):
-        where = f"bucket {index}"
-        if not isinstance(bucket, dict):
-            return f"{where} is a JSON {_json_type(bucket)}, expected an object"
-        for key in ("start", "end", "revenue", "currency"):
-            if key not in bucket:
-                return f"{where} has no '{key}' key"
-        for key in ("start", "end", "currency"):
-            if not isinstance(bucket[key], str):
-                return f"the {key} {_json_text(bucket[key])} of {where} is a JSON {_json_type(bucket[key])}, expected a string"
-        if _json_type(bucket["revenue"]) not in ("number", "string", "null"):
-            return f"the revenue {_json_text(bucket['revenue'])} of {where} is not a number or null"
-    return None
 
 
 def _parse_series_timestamps(timestamps: list[str], lengths: list[int], labels: _Labels) -> pa.Array:
