@@ -22,10 +22,16 @@ import duckdb
 import pyarrow as pa
 from filelock import FileLock, Timeout
 
-from terralayr_etl.config import ENTITY_TYPES, RESOLUTIONS
-from terralayr_etl.errors import InvalidEntityIdError, MalformedResponseError, TerralayrError, WarehouseLockedError
-from terralayr_etl.ids import validate_entity_id
-from terralayr_etl.units import kw_to_mw
+from terralayr_etl.asset_rows import VIRTUAL_ASSET_SCHEMA, member_row, virtual_asset_record, watermark_key
+from terralayr_etl.errors import TerralayrError, WarehouseLockedError
+from terralayr_etl.warehouse_sql import (
+    DATAPOINTS_COLUMNS_SQL,
+    DELETE_REPLACED_CHUNK,
+    FIND_REPLACED_DATAPOINTS,
+    INSERT_DATAPOINTS,
+    SCHEMA_SQL,
+    UPSERT_REVENUE_BUCKETS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +41,10 @@ of the earlier ones, so fewer, larger batches are faster. Without an index the i
 streams, so a larger batch does not raise memory use."""
 
 LOAD_MEMORY_LIMIT = "192MB"
-"""DuckDB's memory limit while finding the stored rows a load replaces. The join spills to ``<warehouse>.tmp/``, so a load's memory stays flat as the
-warehouse grows. Other statements, such as the SQL models, keep DuckDB's default limit (80%
-of RAM), because some of their operators cannot spill and fail at a low limit."""
+"""DuckDB's memory limit while finding the stored rows a load replaces. The join spills to
+``<warehouse>.tmp/``, so a load's memory stays flat as the warehouse grows. Other statements,
+such as the SQL models, keep DuckDB's default limit (80% of RAM), because some of their
+operators cannot spill and fail at a low limit."""
 
 SCAN_MEMORY_LIMIT = "64MB"
 """DuckDB's memory limit while scanning the data points for the latest period of each series."""
@@ -47,156 +54,8 @@ INSERT_MEMORY_LIMIT = "128MB"
 its buffers up to the limit: on W1's 13.5M rows 128 MB took 15% more time than 192 MB and
 kept the process about 65 MB smaller (measured with DuckDB 2.0.1)."""
 
-# datapoints has no PRIMARY KEY: DuckDB keeps a key's ART index in memory, which for tens of
-# millions of rows costs gigabytes and slows every insert. load_datapoints keeps the key
-# unique itself by deleting the incoming keys before inserting.
-_DATAPOINTS_COLUMNS_SQL = """(
-    entity_type varchar not null,
-    entity_id varchar not null,
-    resolution varchar not null,
-    category varchar not null,
-    period_start timestamptz not null,
-    value double,
-    unit varchar,
-    run_id varchar,
-    fetched_at timestamptz,
-    endpoint varchar
-)"""
-
-SCHEMA_SQL = f"""
-create table if not exists datapoints {_DATAPOINTS_COLUMNS_SQL};
-
-create table if not exists revenue_buckets (
-    entity_id varchar not null,
-    product varchar not null,
-    bucket_start timestamptz not null,
-    bucket_end timestamptz,
-    revenue_eur double,
-    currency varchar,
-    run_id varchar,
-    fetched_at timestamptz,
-    endpoint varchar,
-    primary key (entity_id, product, bucket_start)
-);
-
-create table if not exists virtual_assets (
-    virtual_asset_id varchar primary key,
-    portfolio_id varchar,
-    start_at timestamptz,
-    end_at timestamptz,
-    rated_charge_power_mw double,
-    rated_discharge_power_mw double,
-    energy_capacity_mwh double,
-    charge_efficiency double,
-    discharge_efficiency double,
-    delivery_zone varchar,
-    raw_json varchar
-);
-
-create table if not exists entity_members (
-    entity_type varchar not null,
-    entity_id varchar not null,
-    virtual_asset_id varchar not null,
-    primary key (entity_type, entity_id, virtual_asset_id)
-);
-
-create table if not exists runs (
-    run_id varchar primary key,
-    started_at timestamptz,
-    finished_at timestamptz,
-    status varchar,
-    code_version varchar,
-    parameters json,
-    windows integer,
-    requests integer,
-    retries integer,
-    rows bigint,
-    check_summary json
-);
-
--- Added after the first release; warehouses created before keep working.
-alter table runs add column if not exists failed_windows json;
-alter table runs add column if not exists report json;
-
-create table if not exists watermarks (
-    entity_type varchar not null,
-    entity_id varchar not null,
-    resolution varchar not null,
-    watermark timestamptz not null,
-    primary key (entity_type, entity_id, resolution)
-);
-"""
-
-# Partition values are strings. Without explicit types DuckDB guesses a type from the
-# folder names, and DuckDB rejects a type for a partition the files do not have.
-_DATAPOINT_HIVE_TYPES = "{'resolution': 'VARCHAR', 'entity_type': 'VARCHAR', 'month': 'VARCHAR'}"
-_BUCKET_HIVE_TYPES = "{'product': 'VARCHAR', 'month': 'VARCHAR'}"
-
-_READ_DATAPOINT_FILES = f"read_parquet($files, hive_partitioning = true, hive_types = {_DATAPOINT_HIVE_TYPES})"
-
 DELETE_CHUNK_ROWS = 2_000_000
 """Row ids covered by one delete statement when a load replaces stored rows."""
-
-# A DELETE whose join does not fit in DuckDB's memory limit fails instead of spilling, so
-# the stored rows that a batch replaces are found with a SELECT join (which spills), kept as
-# row ids, and deleted in row-id chunks. The join builds on the smaller side, so a first
-# load into an empty table or a nightly load of a few days costs little.
-_FIND_REPLACED_DATAPOINTS = f"""
-create or replace temp table _replaced_datapoints as
-select datapoints.rowid as row_id
-from datapoints
-semi join (
-    select entity_type, entity_id, resolution, category, period_start
-    from {_READ_DATAPOINT_FILES}
-) as incoming
-    on datapoints.period_start = incoming.period_start
-    and datapoints.entity_id = incoming.entity_id
-    and datapoints.category = incoming.category
-    and datapoints.resolution = incoming.resolution
-    and datapoints.entity_type = incoming.entity_type
-"""
-
-_DELETE_REPLACED_CHUNK = """
-delete from datapoints
-where rowid >= $first and rowid < $stop
-    and rowid in (select row_id from _replaced_datapoints where row_id >= $first and row_id < $stop)
-"""
-
-_INSERT_DATAPOINTS = f"""
-insert into datapoints
-select entity_type, entity_id, resolution, category, period_start, value, unit, run_id, fetched_at, endpoint
-from {_READ_DATAPOINT_FILES}
-"""
-
-_UPSERT_REVENUE_BUCKETS = f"""
-insert into revenue_buckets
-select entity_id, product, bucket_start, bucket_end, revenue_eur, currency, run_id, fetched_at, endpoint
-from read_parquet($files, hive_partitioning = true, hive_types = {_BUCKET_HIVE_TYPES})
-on conflict (entity_id, product, bucket_start) do update set
-    bucket_end = excluded.bucket_end,
-    revenue_eur = excluded.revenue_eur,
-    currency = excluded.currency,
-    run_id = excluded.run_id,
-    fetched_at = excluded.fetched_at,
-    endpoint = excluded.endpoint
-"""
-
-_VIRTUAL_ASSET_SCHEMA = pa.schema(
-    [
-        pa.field("virtual_asset_id", pa.string()),
-        pa.field("portfolio_id", pa.string()),
-        pa.field("start_at", pa.timestamp("us", tz="UTC")),
-        pa.field("end_at", pa.timestamp("us", tz="UTC")),
-        pa.field("rated_charge_power_mw", pa.float64()),
-        pa.field("rated_discharge_power_mw", pa.float64()),
-        pa.field("energy_capacity_mwh", pa.float64()),
-        pa.field("charge_efficiency", pa.float64()),
-        pa.field("discharge_efficiency", pa.float64()),
-        pa.field("delivery_zone", pa.string()),
-        pa.field("raw_json", pa.string()),
-    ]
-)
-
 
 class Warehouse:
     """An open DuckDB warehouse file, held exclusively by this process until ``close``.
@@ -281,7 +140,7 @@ class Warehouse:
             for batch in _batched(paths):
                 replaced += self._delete_replaced_datapoints(batch)
                 with self._memory_limit(INSERT_MEMORY_LIMIT):
-                    result = self.connection.execute(_INSERT_DATAPOINTS, {"files": batch}).fetchone()
+                    result = self.connection.execute(INSERT_DATAPOINTS, {"files": batch}).fetchone()
                 written += result[0] if result else 0
         logger.info(
             "Loaded %d data-point rows (%d replaced stored rows) from %d Parquet files into %s",
@@ -313,7 +172,7 @@ class Warehouse:
 
     def _delete_replaced_datapoints(self, files: list[str]) -> int:
         """Delete the stored rows whose keys occur in ``files`` and return how many were deleted."""
-        self.connection.execute(_FIND_REPLACED_DATAPOINTS, {"files": files})
+        self.connection.execute(FIND_REPLACED_DATAPOINTS, {"files": files})
         try:
             chunks = self.connection.execute(
                 "select distinct row_id // $size from _replaced_datapoints order by 1", {"size": DELETE_CHUNK_ROWS}
@@ -322,7 +181,7 @@ class Warehouse:
             for (chunk,) in chunks:
                 first = chunk * DELETE_CHUNK_ROWS
                 result = self.connection.execute(
-                    _DELETE_REPLACED_CHUNK, {"first": first, "stop": first + DELETE_CHUNK_ROWS}
+                    DELETE_REPLACED_CHUNK, {"first": first, "stop": first + DELETE_CHUNK_ROWS}
                 ).fetchone()
                 deleted += result[0] if result else 0
         finally:
@@ -331,7 +190,7 @@ class Warehouse:
 
     def load_revenue_buckets(self, files: Sequence[Path]) -> int:
         """Upsert the rows of revenue-bucket Parquet files, keyed on virtual asset, product and bucket_start."""
-        return self._upsert_files(_UPSERT_REVENUE_BUCKETS, files, "revenue-bucket")
+        return self._upsert_files(UPSERT_REVENUE_BUCKETS, files, "revenue-bucket")
 
     def replace_virtual_assets(self, rows: list[dict[str, Any]]) -> None:
         """Insert or replace virtual-asset objects as the API returns them, keyed on their id.
@@ -343,9 +202,9 @@ class Warehouse:
         """
         by_id = {}
         for asset in rows:
-            record = _virtual_asset_record(asset)
+            record = virtual_asset_record(asset)
             by_id[record["virtual_asset_id"]] = record
-        table = pa.Table.from_pylist(list(by_id.values()), schema=_VIRTUAL_ASSET_SCHEMA)
+        table = pa.Table.from_pylist(list(by_id.values()), schema=VIRTUAL_ASSET_SCHEMA)
 
         with self._transaction():
             self.connection.register("_incoming_virtual_assets", table)
@@ -366,7 +225,7 @@ class Warehouse:
         virtual asset that appears in ``rows`` is replaced by the new ones; virtual assets
         absent from ``rows`` keep their last known memberships.
         """
-        members = sorted({_member_row(*row) for row in rows})
+        members = sorted({member_row(*row) for row in rows})
         table = pa.table(
             {
                 "entity_type": pa.array([row[0] for row in members], pa.string()),
@@ -466,7 +325,7 @@ class Warehouse:
         for entity_type, entity_id, resolution, watermark in rows:
             if watermark.tzinfo is None:
                 raise ValueError(f"watermark {watermark.isoformat()} of {entity_type} {entity_id} has no time zone; pass a UTC datetime")
-            latest[_watermark_key(entity_type, entity_id, resolution)] = watermark.astimezone(UTC)
+            latest[watermark_key(entity_type, entity_id, resolution)] = watermark.astimezone(UTC)
         table = pa.table(
             {
                 "entity_type": pa.array([key[0] for key in latest], pa.string()),
@@ -526,7 +385,7 @@ class Warehouse:
         if not row or row[0] == 0:
             return
         with self._transaction():
-            self.connection.execute(f"create table datapoints_without_key {_DATAPOINTS_COLUMNS_SQL}")
+            self.connection.execute(f"create table datapoints_without_key {DATAPOINTS_COLUMNS_SQL}")
             self.connection.execute("insert into datapoints_without_key select * from datapoints")
             self.connection.execute("drop table datapoints")
             self.connection.execute("alter table datapoints_without_key rename to datapoints")
@@ -599,79 +458,3 @@ def _locked_message(path: Path, pid: int | None) -> str:
 
 def _as_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
-
-
-def _watermark_key(entity_type: str, entity_id: str, resolution: str) -> tuple[str, str, str]:
-    if entity_type not in ENTITY_TYPES:
-        raise InvalidEntityIdError(f"invalid entity type {entity_type!r}; use one of {list(ENTITY_TYPES)}")
-    if resolution not in RESOLUTIONS:
-        raise InvalidEntityIdError(f"invalid resolution {resolution!r}; use one of {list(RESOLUTIONS)}")
-    return entity_type, validate_entity_id(entity_id), resolution
-
-
-def _member_row(entity_type: str, entity_id: str, virtual_asset_id: str) -> tuple[str, str, str]:
-    if entity_type not in ENTITY_TYPES:
-        raise InvalidEntityIdError(f"invalid entity type {entity_type!r}; use one of {list(ENTITY_TYPES)}")
-    return entity_type, validate_entity_id(entity_id), validate_entity_id(virtual_asset_id, what="virtual asset id")
-
-
-def _virtual_asset_record(asset: dict[str, Any]) -> dict[str, Any]:
-    """Map one API virtual-asset object to a virtual_assets row."""
-    asset_id = validate_entity_id(asset.get("id"), what="virtual asset id")
-    portfolio_id = asset.get("portfolioID")
-    if portfolio_id is not None:
-        validate_entity_id(portfolio_id, what=f"portfolioID of virtual asset {asset_id}")
-    _check_unit(asset, "unitsPower", "kW", asset_id)
-    _check_unit(asset, "unitsEnergy", "kWh", asset_id)
-    return {
-        "virtual_asset_id": asset_id,
-        "portfolio_id": portfolio_id,
-        "start_at": _instant(asset, "start", asset_id),
-        "end_at": _instant(asset, "end", asset_id),
-        "rated_charge_power_mw": _megawatts(asset, "ratedChargePower", asset_id),
-        "rated_discharge_power_mw": _megawatts(asset, "ratedDischargePower", asset_id),
-        "energy_capacity_mwh": _megawatts(asset, "energyCapacity", asset_id),
-        "charge_efficiency": _number(asset, "chargeEfficiency", asset_id),
-        "discharge_efficiency": _number(asset, "dischargeEfficiency", asset_id),
-        "delivery_zone": asset.get("deliveryZone"),
-        "raw_json": json.dumps(asset, sort_keys=True),
-    }
-
-
-def _check_unit(asset: dict[str, Any], field: str, expected: str, asset_id: str) -> None:
-    unit = asset.get(field)
-    if unit is not None and unit != expected:
-        raise MalformedResponseError(
-            f"virtual asset {asset_id} reports {field} {unit!r}, but terralayr-etl converts only the "
-            f"documented unit {expected!r}; report the changed unit so the conversion can be extended"
-        )
-
-
-def _number(asset: dict[str, Any], field: str, asset_id: str) -> float | None:
-    value = asset.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise MalformedResponseError(f"{field} {value!r} of virtual asset {asset_id} is not a number")
-    return float(value)
-
-
-def _megawatts(asset: dict[str, Any], field: str, asset_id: str) -> float | None:
-    """Read a kW (or kWh) field and convert it to MW (or MWh)."""
-    value_kw = _number(asset, field, asset_id)
-    return None if value_kw is None else kw_to_mw(value_kw)
-
-
-def _instant(asset: dict[str, Any], field: str, asset_id: str) -> datetime | None:
-    text = asset.get(field)
-    if text is None:
-        return None
-    try:
-        instant = datetime.fromisoformat(text) if isinstance(text, str) else None
-    except ValueError:
-        instant = None
-    if instant is None or instant.tzinfo is None:
-        raise MalformedResponseError(
-            f"{field} {text!r} of virtual asset {asset_id} is not an RFC 3339 timestamp with 'Z' or an offset"
-        )
-    return instant.astimezone(UTC)

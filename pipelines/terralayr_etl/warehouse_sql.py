@@ -1,0 +1,134 @@
+"""SQL text of the warehouse: the table definitions and the statements that load Parquet files."""
+
+from __future__ import annotations
+
+# datapoints has no PRIMARY KEY: DuckDB keeps a key's ART index in memory, which for tens of
+# millions of rows costs gigabytes and slows every insert. load_datapoints keeps the key
+# unique itself by deleting the incoming keys before inserting.
+DATAPOINTS_COLUMNS_SQL = """(
+    entity_type varchar not null,
+    entity_id varchar not null,
+    resolution varchar not null,
+    category varchar not null,
+    period_start timestamptz not null,
+    value double,
+    unit varchar,
+    run_id varchar,
+    fetched_at timestamptz,
+    endpoint varchar
+)"""
+
+SCHEMA_SQL = f"""
+create table if not exists datapoints {DATAPOINTS_COLUMNS_SQL};
+
+create table if not exists revenue_buckets (
+    entity_id varchar not null,
+    product varchar not null,
+    bucket_start timestamptz not null,
+    bucket_end timestamptz,
+    revenue_eur double,
+    currency varchar,
+    run_id varchar,
+    fetched_at timestamptz,
+    endpoint varchar,
+    primary key (entity_id, product, bucket_start)
+);
+
+create table if not exists virtual_assets (
+    virtual_asset_id varchar primary key,
+    portfolio_id varchar,
+    start_at timestamptz,
+    end_at timestamptz,
+    rated_charge_power_mw double,
+    rated_discharge_power_mw double,
+    energy_capacity_mwh double,
+    charge_efficiency double,
+    discharge_efficiency double,
+    delivery_zone varchar,
+    raw_json varchar
+);
+
+create table if not exists entity_members (
+    entity_type varchar not null,
+    entity_id varchar not null,
+    virtual_asset_id varchar not null,
+    primary key (entity_type, entity_id, virtual_asset_id)
+);
+
+create table if not exists runs (
+    run_id varchar primary key,
+    started_at timestamptz,
+    finished_at timestamptz,
+    status varchar,
+    code_version varchar,
+    parameters json,
+    windows integer,
+    requests integer,
+    retries integer,
+    rows bigint,
+    check_summary json
+);
+
+-- Added after the first release; warehouses created before keep working.
+alter table runs add column if not exists failed_windows json;
+alter table runs add column if not exists report json;
+
+create table if not exists watermarks (
+    entity_type varchar not null,
+    entity_id varchar not null,
+    resolution varchar not null,
+    watermark timestamptz not null,
+    primary key (entity_type, entity_id, resolution)
+);
+"""
+
+# Partition values are strings. Without explicit types DuckDB guesses a type from the
+# folder names, and DuckDB rejects a type for a partition the files do not have.
+_DATAPOINT_HIVE_TYPES = "{'resolution': 'VARCHAR', 'entity_type': 'VARCHAR', 'month': 'VARCHAR'}"
+_BUCKET_HIVE_TYPES = "{'product': 'VARCHAR', 'month': 'VARCHAR'}"
+
+_READ_DATAPOINT_FILES = f"read_parquet($files, hive_partitioning = true, hive_types = {_DATAPOINT_HIVE_TYPES})"
+
+# A DELETE whose join does not fit in DuckDB's memory limit fails instead of spilling, so
+# the stored rows that a batch replaces are found with a SELECT join (which spills), kept as
+# row ids, and deleted in row-id chunks. The join builds on the smaller side, so a first
+# load into an empty table or a nightly load of a few days costs little.
+FIND_REPLACED_DATAPOINTS = f"""
+create or replace temp table _replaced_datapoints as
+select datapoints.rowid as row_id
+from datapoints
+semi join (
+    select entity_type, entity_id, resolution, category, period_start
+    from {_READ_DATAPOINT_FILES}
+) as incoming
+    on datapoints.period_start = incoming.period_start
+    and datapoints.entity_id = incoming.entity_id
+    and datapoints.category = incoming.category
+    and datapoints.resolution = incoming.resolution
+    and datapoints.entity_type = incoming.entity_type
+"""
+
+DELETE_REPLACED_CHUNK = """
+delete from datapoints
+where rowid >= $first and rowid < $stop
+    and rowid in (select row_id from _replaced_datapoints where row_id >= $first and row_id < $stop)
+"""
+
+INSERT_DATAPOINTS = f"""
+insert into datapoints
+select entity_type, entity_id, resolution, category, period_start, value, unit, run_id, fetched_at, endpoint
+from {_READ_DATAPOINT_FILES}
+"""
+
+UPSERT_REVENUE_BUCKETS = f"""
+insert into revenue_buckets
+select entity_id, product, bucket_start, bucket_end, revenue_eur, currency, run_id, fetched_at, endpoint
+from read_parquet($files, hive_partitioning = true, hive_types = {_BUCKET_HIVE_TYPES})
+on conflict (entity_id, product, bucket_start) do update set
+    bucket_end = excluded.bucket_end,
+    revenue_eur = excluded.revenue_eur,
+    currency = excluded.currency,
+    run_id = excluded.run_id,
+    fetched_at = excluded.fetched_at,
+    endpoint = excluded.endpoint
+"""
