@@ -31,6 +31,7 @@ from benchmarks.config_dir import dump_toml
 from terralayr_etl.config import PROJECT_ROOT, Settings, load_settings
 from terralayr_etl.sandbox.app import create_app
 from terralayr_etl.sandbox.engine import Engine
+from terralayr_etl.sandbox.faults import ResponseRecorder, bearer_token
 from terralayr_etl.sandbox.organisation import Organisation, load_organisation
 from terralayr_etl.sandbox.server import SandboxServer
 
@@ -235,7 +236,7 @@ class ScriptedReplies:
         path = scope["path"]
         query = unquote(scope.get("query_string", b"").decode("latin-1"))
         received_at = time.monotonic()
-        token = _bearer(scope)
+        token = bearer_token(scope)
         if self._held_prefix is not None and path.startswith(self._held_prefix):
             while not self._release.is_set():
                 await asyncio.sleep(0.02)
@@ -250,7 +251,7 @@ class ScriptedReplies:
             await _send(send, reply.status, headers, body)
             return
 
-        recorder = _Recorder()
+        recorder = ResponseRecorder()
         await self.app(scope, receive, recorder)
         body = recorder.body
         if recorder.status == 200:
@@ -272,32 +273,6 @@ class ScriptedReplies:
     def _record(self, served: Served) -> None:
         with self._lock:
             self.served.append(served)
-
-
-def _bearer(scope: dict[str, Any]) -> str | None:
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token if scheme.lower() == "bearer" else None
-    return None
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: list[bytes] = []
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            self.headers = list(message.get("headers", []))
-        elif message["type"] == "http.response.body":
-            self.chunks.append(message.get("body", b""))
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.chunks)
 
 
 def _with_length(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:

@@ -88,7 +88,8 @@ def _retry_after_date() -> str:
     return format_datetime(target, usegmt=True)
 
 
-def _bearer_token(scope: dict[str, Any]) -> str | None:
+def bearer_token(scope: dict[str, Any]) -> str | None:
+    """Return the Bearer token of an ASGI request scope, or None without one."""
     for name, value in scope.get("headers", []):
         if name.lower() == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
@@ -96,7 +97,7 @@ def _bearer_token(scope: dict[str, Any]) -> str | None:
     return None
 
 
-class _ResponseRecorder:
+class ResponseRecorder:
     """ASGI ``send`` that stores the response and, with ``forward``, also passes it on."""
 
     def __init__(self, forward=None):
@@ -145,7 +146,7 @@ class FaultMiddleware:
         method = scope["method"]
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
-        token = _bearer_token(scope)
+        token = bearer_token(scope)
         if token is not None and self.plan.token_expired(token):
             # An expired token is not an attempt, so the drawn faults stay independent of timing.
             self.plan.record("expiry", method, path, query, self.plan.next_attempt(method, path, query))
@@ -178,7 +179,7 @@ class FaultMiddleware:
         context_token = corrected_days_served.set(served)
         try:
             if faults.failure in ("reset", "truncate") or faults.content:
-                recorder = _ResponseRecorder()
+                recorder = ResponseRecorder()
                 await self.app(scope, receive, recorder)
                 await self._send_changed(send_and_record, recorder, faults, method, path, query)
             else:
@@ -192,7 +193,7 @@ class FaultMiddleware:
         if self.plan.token_lifetime_seconds is None:
             await self.app(scope, receive, send)
             return
-        recorder = _ResponseRecorder(forward=send)
+        recorder = ResponseRecorder(forward=send)
         await self.app(scope, receive, recorder)
         if recorder.status != 200:
             return
@@ -212,7 +213,7 @@ class FaultMiddleware:
             headers.append((b"retry-after", _retry_after_date().encode()))
         await _send_error(send, status, code, f"{message} (sandbox fault: {mode})", headers)
 
-    async def _send_changed(self, send, recorder: _ResponseRecorder, faults: RequestFaults, method: str, path: str, query: str) -> None:
+    async def _send_changed(self, send, recorder: ResponseRecorder, faults: RequestFaults, method: str, path: str, query: str) -> None:
         body = recorder.body
         if recorder.status == 200:
             for mode in faults.content:
