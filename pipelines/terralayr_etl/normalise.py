@@ -1,10 +1,12 @@
 """Turn data-point and revenue-bucket response bodies into Arrow tables of a fixed schema.
 
-msgspec decodes a body into typed Structs, so the shape is checked while the JSON is parsed.
-Timestamps stay strings during decoding and go to UTC in one vectorised Arrow cast, which
-accepts ``Z`` and explicit offsets and rejects a timestamp without one. Values go to float64
-in one Arrow call. Per-value Python runs only to pull fields out of the Structs and, when
-something is wrong, to name the offending value in the error.
+A data-point body takes one of two paths. When msgspec finds the body valid and every point
+list is in the API's compact form, ``columnar.parse_point_lists`` turns the lists into Arrow
+columns in C++ code, without a Python object per point and without holding the GIL. Any other
+body is decoded into typed Structs, which checks its shape point by point. Both paths give the
+same table for the same data. In both, timestamps go to UTC in an Arrow cast, which accepts
+``Z`` and explicit offsets and rejects a timestamp without one. When something is wrong, the
+general path names the offending value in the error.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from terralayr_etl.categories import CATEGORIES, unit_of
+from terralayr_etl.columnar import PointColumns, parse_point_lists
 from terralayr_etl.resources import CPU_SLOTS
 from terralayr_etl.errors import MalformedResponseError
 from terralayr_etl.response_problems import decode_or_explain, describe_buckets_problem, describe_datapoints_problem
@@ -94,7 +97,16 @@ class _Bucket(msgspec.Struct, gc=False):
     currency: str
 
 
+class _RawDatapointsBody(msgspec.Struct):
+    """A data-point body whose point lists stay undecoded JSON, for ``columnar.parse_point_lists``."""
+
+    data: dict[str, msgspec.Raw]
+    meta_data: list[_MetaData] | None = msgspec.field(default=None, name="metaData")
+    next_cursor: str | None = msgspec.field(default=None, name="nextCursor")
+
+
 _DATAPOINTS_DECODER = msgspec.json.Decoder(_DatapointsBody)
+_RAW_DATAPOINTS_DECODER = msgspec.json.Decoder(_RawDatapointsBody)
 _BUCKETS_DECODER = msgspec.json.Decoder(list[_Bucket])
 
 
@@ -148,21 +160,11 @@ def _normalise_datapoints(
     fetched_at: datetime,
     endpoint: str,
 ) -> NormalisedPage:
-    decoded = decode_or_explain(_DATAPOINTS_DECODER, body, endpoint, describe_datapoints_problem)
-    categories = tuple(decoded.data)
-    lengths = [len(points) for points in decoded.data.values()]
-
-    timestamps: list[str] = []
-    values: list[float | str | None] = []
-    for points in decoded.data.values():
-        timestamps.extend([point.timestamp for point in points])
-        values.extend([point.value for point in points])
-    labels = _Labels("category", categories, lengths, timestamps, endpoint)
-
-    period_start = _parse_series_timestamps(timestamps, lengths, labels)
-    value = _parse_values(values, labels)
+    decoded = _decode_columnar(body) or _decode_points(body, endpoint)
+    categories, lengths = decoded.categories, decoded.columns.lengths
+    period_start, value = decoded.columns.period_start, decoded.columns.value
     units = _units_by_category(decoded.meta_data, categories)
-    row_count = len(timestamps)
+    row_count = len(value)
     table = pa.Table.from_arrays(
         [
             pa.repeat(pa.scalar(entity_type, pa.string()), row_count),
@@ -190,6 +192,45 @@ def _normalise_datapoints(
         duplicate_instants=duplicates,
         next_cursor=decoded.next_cursor,
     )
+
+
+@dataclass(frozen=True)
+class _DecodedPage:
+    categories: tuple[str, ...]
+    columns: PointColumns
+    meta_data: list[_MetaData] | None
+    next_cursor: str | None
+
+
+def _decode_columnar(body: bytes) -> _DecodedPage | None:
+    """Decode a body whose point lists are in the API's compact form without a Python object
+    per point, or return None for any other body."""
+    try:
+        decoded = _RAW_DATAPOINTS_DECODER.decode(body)
+    except msgspec.DecodeError:
+        return None
+    columns = parse_point_lists([bytes(points) for points in decoded.data.values()], UTC_TIMESTAMP)
+    if columns is None:
+        return None
+    return _DecodedPage(tuple(decoded.data), columns, decoded.meta_data, decoded.next_cursor)
+
+
+def _decode_points(body: bytes, endpoint: str) -> _DecodedPage:
+    """Decode any valid body point by point, naming the offending value of a malformed one."""
+    decoded = decode_or_explain(_DATAPOINTS_DECODER, body, endpoint, describe_datapoints_problem)
+    categories = tuple(decoded.data)
+    lengths = [len(points) for points in decoded.data.values()]
+
+    timestamps: list[str] = []
+    values: list[float | str | None] = []
+    for points in decoded.data.values():
+        timestamps.extend([point.timestamp for point in points])
+        values.extend([point.value for point in points])
+    labels = _Labels("category", categories, lengths, timestamps, endpoint)
+
+    period_start = _parse_series_timestamps(timestamps, lengths, labels)
+    value = _parse_values(values, labels)
+    return _DecodedPage(categories, PointColumns(lengths, period_start, value), decoded.meta_data, decoded.next_cursor)
 
 
 def normalise_revenue_buckets(

@@ -1,0 +1,103 @@
+"""The Arrow parser of compact point lists, and its agreement with the general msgspec path."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pytest
+
+from terralayr_etl.columnar import parse_point_lists
+from terralayr_etl.normalise import UTC_TIMESTAMP, normalise_datapoints
+
+FETCHED_AT = datetime(2025, 11, 1, 3, 0, tzinfo=UTC)
+
+
+def _compact(points: list[dict]) -> bytes:
+    return json.dumps(points, separators=(",", ":")).encode()
+
+
+def test_parse_point_lists_reads_compact_lists() -> None:
+    first = [
+        {"timestamp": "2024-10-26T22:00:00Z", "value": 1.5},
+        {"timestamp": "2024-10-26T23:00:00+01:00", "value": None},
+        {"timestamp": "2024-10-27T00:00:00Z", "value": -2.5e-3},
+    ]
+    second = [{"timestamp": "2024-10-26T22:00:00Z", "value": 0}]
+
+    columns = parse_point_lists([_compact(first), _compact(second)], UTC_TIMESTAMP)
+
+    assert columns is not None
+    assert columns.lengths == [3, 1]
+    assert columns.value.to_pylist() == [1.5, None, -0.0025, 0.0]
+    assert columns.period_start.type == UTC_TIMESTAMP
+    assert [instant.isoformat() for instant in columns.period_start.to_pylist()] == [
+        "2024-10-26T22:00:00+00:00",
+        "2024-10-26T22:00:00+00:00",
+        "2024-10-27T00:00:00+00:00",
+        "2024-10-26T22:00:00+00:00",
+    ]
+
+
+def test_parse_point_lists_accepts_no_lists() -> None:
+    columns = parse_point_lists([], UTC_TIMESTAMP)
+
+    assert columns is not None
+    assert columns.lengths == []
+    assert len(columns.value) == 0
+
+
+@pytest.mark.parametrize(
+    "point_list",
+    [
+        b'[{"timestamp": "2024-10-26T22:00:00Z", "value": 1.5}]',
+        b'[{"value":1.5,"timestamp":"2024-10-26T22:00:00Z"}]',
+        b'[{"timestamp":"2024-10-26T22:00:00Z","value":1.5,"quality":"final"}]',
+        b'[{"timestamp":"2024-10-26T22:00:00Z","value":"1.5"}]',
+        b'[{"timestamp":"2024-10-26T22:00:00Z","value":true}]',
+        b'[{"timestamp":"2024-10-26T22:00:00Z","value":1e400}]',
+        b'[{"timestamp":"2024-10-26T22:00:00","value":1.5}]',
+        b"[]",
+    ],
+    ids=["spaces", "key order", "extra key", "numeric string", "boolean", "overflow", "no offset", "empty"],
+)
+def test_parse_point_lists_leaves_other_forms(point_list: bytes) -> None:
+    assert parse_point_lists([point_list], UTC_TIMESTAMP) is None
+
+
+def _body(indent: int | None) -> bytes:
+    data = {
+        "revenue_wholesale": [
+            {"timestamp": "2024-10-26T22:00:00Z", "value": 12.25},
+            {"timestamp": "2024-10-26T23:00:00Z", "value": None},
+        ],
+        "revenue_fcr": [
+            {"timestamp": "2024-10-26T22:00:00Z", "value": 3},
+            {"timestamp": "2024-10-26T23:00:00Z", "value": 4.75},
+        ],
+    }
+    meta = [{"dataPointName": "revenue_fcr", "unit": "EUR"}]
+    separators = (",", ":") if indent is None else None
+    return json.dumps({"data": data, "metaData": meta, "nextCursor": None}, indent=indent, separators=separators).encode()
+
+
+def test_compact_and_indented_bodies_normalise_alike() -> None:
+    arguments = {
+        "entity_type": "virtual_asset",
+        "entity_id": "va-1",
+        "resolution": "hourly",
+        "run_id": "run-1",
+        "fetched_at": FETCHED_AT,
+        "endpoint": "/revenue-reporting/virtual-assets/va-1/datapoints",
+    }
+
+    compact = normalise_datapoints(_body(None), **arguments)
+    indented = normalise_datapoints(_body(2), **arguments)
+
+    assert compact.table.equals(indented.table)
+    assert compact.table.num_rows == 4
+    assert compact.table["value"].to_pylist() == [12.25, None, 3.0, 4.75]
+    assert compact.table["category"].to_pylist() == ["revenue_wholesale"] * 2 + ["revenue_fcr"] * 2
+    assert compact.categories == indented.categories
+    assert isinstance(compact.table["period_start"].type, pa.TimestampType)
