@@ -1,4 +1,5 @@
-# terralayr-etl: `make demo` runs the pipeline against the sandbox, `make test` runs the tests.
+# terralayr-etl: `make demo` runs the pipeline against the sandbox, `make test` runs the tests,
+# `make bench` runs the benchmarks (docs/benchmarks.md).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

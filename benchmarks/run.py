@@ -4,7 +4,7 @@ Usage::
 
     python -m benchmarks.run                  # W1 to W4, writes benchmarks/results/latest.json
     python -m benchmarks.run --only W1,W2     # these workloads; other results in the file stay
-    python -m benchmarks.run --quick          # tiny versions in seconds, to smoke-test the harness
+    python -m benchmarks.run --quick          # tiny versions in about a minute, to smoke-test the harness
 
 docs/benchmarks.md describes the workloads and the targets. Every server runs on 127.0.0.1.
 """
@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -155,14 +155,16 @@ def _base_env(work_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_benchmarks(selected: list[str], plan: Plan, work_dir: Path) -> dict[str, Any]:
-    """Run the selected workloads in order and return their results by name."""
+def run_benchmarks(selected: list[str], plan: Plan, work_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run the selected workloads in order and return their results and start times by name."""
     env = _base_env(work_dir)
     results: dict[str, Any] = {}
+    started: dict[str, str] = {}
     with PrefectServer(home=work_dir / "prefect-home", env=env, log_dir=work_dir / "logs") as prefect:
         session = Session(work_dir=work_dir, base_env=env, prefect=prefect)
         for name in selected:
             logger.info("Running %s", name)
+            started[name] = datetime.now(UTC).isoformat(timespec="seconds")
             if name == "W1":
                 results["W1"] = run_backfill(session, plan.w1, "w1")
                 results["W1"]["models_and_checks"] = run_check(session, plan.w1, "w1", "w1-check")
@@ -173,7 +175,7 @@ def run_benchmarks(selected: list[str], plan: Plan, work_dir: Path) -> dict[str,
             elif name == "W4":
                 results["W4"] = run_backfill(session, plan.w4, "w4")
             logger.info("%s: %s", name, json.dumps(results[name], default=str))
-    return results
+    return results, started
 
 
 def _parse_only(text: str | None) -> list[str]:
@@ -190,15 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the workloads and write the results file."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated workloads to run, e.g. W1,W2 (default: all)")
-    parser.add_argument("--quick", action="store_true", help="run tiny versions of each workload (seconds)")
+    parser.add_argument("--quick", action="store_true", help="run tiny versions of each workload (about a minute)")
     parser.add_argument(
         "--output",
         type=Path,
         help=f"results file to update (default: {RESULTS_PATH} for full runs; quick runs only print "
         "their results unless this is given)",
     )
-    parser.add_argument("--work-dir", type=Path, help="folder for data, logs and the recording (default: a new temp folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir after the run")
+    parser.add_argument(
+        "--work-dir", type=Path, help="folder for data, logs and the recording, kept after the run (default: a new temp folder)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder used without --work-dir")
     arguments = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     output = arguments.output or (None if arguments.quick else RESULTS_PATH)
 
     try:
-        results = run_benchmarks(selected, plan, work_dir)
+        results, started = run_benchmarks(selected, plan, work_dir)
     finally:
         if not arguments.keep and arguments.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -218,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     document = json.loads(output.read_text()) if output and output.exists() else {}
     document.update(results)
     document["targets"] = evaluate_targets(document)
-    document.setdefault("runs", {}).update({name: describe_machine() | {"quick": arguments.quick} for name in selected})
+    # "date" is when each workload started, not when this file was written.
+    runs = {name: describe_machine() | {"date": started[name], "quick": arguments.quick} for name in selected}
+    document.setdefault("runs", {}).update(runs)
     print(json.dumps({name: document[name] for name in selected} | {"targets": document["targets"]}, indent=2, default=str))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
