@@ -474,7 +474,7 @@ def test_cli_second_process_gets_lock_error(org: SmallOrg, prefect_harness, tmp_
 
 def test_flow_unparsable_listing_names_quarantine(org: SmallOrg, prefect_harness, tmp_path) -> None:
     """The virtual-asset list is truncated on every fetch: the run stops with an error that
-    names the quarantine folder, which holds each fetched payload."""
+    names the quarantine folder, which contains each fetched payload."""
     data_dir = tmp_path / "data"
     listing = f"/organisations/{org.organisation.id}/virtual-assets"
     fetches = 1 + org.settings.pipeline.refetch_attempts

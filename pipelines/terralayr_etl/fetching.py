@@ -72,16 +72,16 @@ class _CpuSlot:
     are written. It is given back before the next download of a re-fetch."""
 
     def __init__(self) -> None:
-        self._taken = False
+        self._acquired = False
 
     def take(self) -> None:
-        if not self._taken:
+        if not self._acquired:
             CPU_SLOTS.__enter__()
-            self._taken = True
+            self._acquired = True
 
     def release(self) -> None:
-        if self._taken:
-            self._taken = False
+        if self._acquired:
+            self._acquired = False
             CPU_SLOTS.__exit__(None, None, None)
 
 
