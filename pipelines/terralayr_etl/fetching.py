@@ -76,13 +76,13 @@ class _CpuSlot:
 
     def take(self) -> None:
         if not self._acquired:
-            CPU_SLOTS.__enter__()
+            CPU_SLOTS.acquire()
             self._acquired = True
 
     def release(self) -> None:
         if self._acquired:
             self._acquired = False
-            CPU_SLOTS.__exit__(None, None, None)
+            CPU_SLOTS.release()
 
 
 def _fetch_and_write(

@@ -161,7 +161,7 @@ def model_and_check_task(warehouse: Warehouse, skip: bool = False) -> dict:
     return asdict(summary)
 
 
-def _fetch_all(run_id: str, jobs: list[FetchJob], windows_per_task: int = 16) -> tuple[list[WindowResult], list[FailedWindow]]:
+def _fetch_all(run_id: str, jobs: list[FetchJob], windows_per_task: int) -> tuple[list[WindowResult], list[FailedWindow]]:
     """Fetch every window in per-entity batches on the task runner's thread pool.
 
     Progress is logged about every tenth of the windows. Results come back sorted by window,

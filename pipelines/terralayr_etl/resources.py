@@ -34,17 +34,25 @@ class ReentrantSlots:
         self._semaphore = threading.BoundedSemaphore(count)
         self._local = threading.local()
 
-    def __enter__(self) -> ReentrantSlots:
+    def acquire(self) -> None:
+        """Take a slot, waiting for one unless this thread already holds one."""
         depth = getattr(self._local, "depth", 0)
         if depth == 0:
             self._semaphore.acquire()
         self._local.depth = depth + 1
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def release(self) -> None:
+        """Undo one ``acquire``; the slot goes back with the thread's last release."""
         self._local.depth -= 1
         if self._local.depth == 0:
             self._semaphore.release()
+
+    def __enter__(self) -> ReentrantSlots:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 CPU_SLOTS = ReentrantSlots(max(2, os.cpu_count() or 2))
