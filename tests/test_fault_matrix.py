@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 START, END = date(2024, 10, 26), date(2024, 10, 28)
 
 FAULT_SPECS = {
-    "expiry": "expiry=0.4",
+    "expiry": "expiry=0.1",
     "429": "429=0.3",
     "429date": "429date=0.3",
     "500": "500=0.3",
