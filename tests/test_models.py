@@ -88,6 +88,41 @@ def test_checks_compare_every_entity_and_day(connection):
     assert set(rows) == expected
 
 
+def test_check_days_limit_checks_to_range(connection):
+    run_models(connection, check_days=(date(2024, 10, 27), date(2024, 10, 28)))
+    summary = run_checks(connection)
+
+    rows = connection.execute(
+        "select entity_id, period::varchar from check_results where check_name = 'rollup_daily' group by all"
+    ).fetchall()
+    assert summary.failed == 0, summary.failing_rows
+    assert set(summary.by_check) == CHECK_NAMES
+    assert set(rows) == {(entity_id, DST_DAY) for entity_id in ("va-a", "va-b", "va-c", PORTFOLIO_ID, PHYSICAL_ASSET_ID)}
+
+
+def test_check_days_leave_other_days_unchecked(connection):
+    connection.execute(
+        "update datapoints set value = value + 10 where entity_id = 'va-a' and resolution = 'daily' "
+        "and category = 'revenue_wholesale' and period_start = '2024-10-25 22:00:00+00'"
+    )
+
+    run_models(connection, check_days=(date(2024, 10, 27), date(2024, 10, 29)))
+    scoped = run_checks(connection)
+    run_models(connection)
+    full = run_checks(connection)
+
+    assert scoped.failed == 0
+    assert full.failed > 0
+    assert {row[0] for row in failing_checks(connection)} >= {"rollup_daily"}
+
+
+def test_check_days_empty_range_checks_nothing(connection):
+    run_models(connection, check_days=(date(2024, 10, 27), date(2024, 10, 27)))
+    summary = run_checks(connection)
+
+    assert summary.total == 0
+
+
 # Each corruption lists every check row it must fail, and no other row may fail. One wrong
 # value breaks every relation it takes part in, so most corruptions fail more than one check.
 CORRUPTIONS = {

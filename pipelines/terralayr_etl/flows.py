@@ -147,13 +147,14 @@ def load_task(warehouse: Warehouse, discovery: Discovery, results: list[WindowRe
 
 
 @task(name="model-and-check", cache_policy=NO_CACHE, persist_result=False)
-def model_and_check_task(warehouse: Warehouse, skip: bool = False) -> dict:
+def model_and_check_task(warehouse: Warehouse, check_days: tuple[date, date], skip: bool = False) -> dict:
     if skip:
         # The models read the whole warehouse, so a long backfill can defer them to one
         # 'terralayr-etl check' at the end instead of paying for them on every run.
         get_run_logger().info("Skipped the SQL models and checks; run 'terralayr-etl check' to build and run them")
         return {"total": 0, "passed": 0, "failed": 0, "by_check": {}, "failing_rows": [], "skipped": True}
-    built = run_models(warehouse.connection)
+    # The checks compare only the run's days, so their cost follows the run, not the warehouse.
+    built = run_models(warehouse.connection, check_days=check_days)
     summary = run_checks(warehouse.connection)
     get_run_logger().info(
         "Built %d models; checks: %d passed, %d failed", len(built), summary.passed, summary.failed
@@ -274,7 +275,7 @@ def nightly(
             rows = load_task(warehouse, discovery, results, boundary.files)
             failed_series = sorted({failure.job.series_key() for failure in failures})
             warehouse.update_watermarks(resolutions, exclude=failed_series)
-            checks = model_and_check_task(warehouse, skip_checks)
+            checks = model_and_check_task(warehouse, (_first_day(jobs, span), span.end_day), skip_checks)
         except BaseException:
             warehouse.finish_run(run_id, status="failed", windows=0, requests=client.stats.requests,
                                  retries=client.stats.retries, rows=0, check_summary={})

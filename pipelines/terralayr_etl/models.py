@@ -1,7 +1,8 @@
 """Build the SQL models of ``sql/`` in DuckDB and collect the results of the checks.
 
-``run_models`` writes the seed table ``category_rules`` from ``terralayr_etl.categories``,
-executes the macro files in ``sql/macros`` as written, and then turns every ``.sql`` file
+``run_models`` writes the seed table ``category_rules`` from ``terralayr_etl.categories`` and
+the one-row table ``check_scope`` with the local days the checks compare, executes the macro
+files in ``sql/macros`` as written, and then turns every ``.sql`` file
 under ``sql/staging``, ``sql/marts`` and ``sql/checks`` into
 ``create or replace view|table <file stem> as <file contents>``. A model is built after
 every model whose name appears in its SQL. The first line ``-- materialized: table`` or
@@ -19,6 +20,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import duckdb
@@ -26,6 +28,7 @@ import duckdb
 from terralayr_etl.categories import CATEGORIES, DAYS_PER_YEAR
 from terralayr_etl.config import PROJECT_ROOT
 from terralayr_etl.errors import TerralayrError
+from terralayr_etl.timeutil import local_midnight
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ The prefixes keep a model from replacing a warehouse table of the same name."""
 
 MACRO_FOLDER = "macros"
 SEED_TABLE = "category_rules"
+CHECK_SCOPE_TABLE = "check_scope"
+"""One row: the local days ``[first_day, end_day)`` whose data points and buckets the checks
+compare, with the UTC instants of their bounds."""
 CHECK_RESULTS_TABLE = "check_results"
 MAX_FAILING_ROWS = 20
 
@@ -154,8 +160,18 @@ def build_order(models: dict[str, Model]) -> list[str]:
     return order
 
 
-def run_models(connection: duckdb.DuckDBPyConnection, sql_dir: Path | None = None) -> list[str]:
-    """Build the seed table, the macros and every model, in one transaction.
+def run_models(
+    connection: duckdb.DuckDBPyConnection,
+    sql_dir: Path | None = None,
+    *,
+    check_days: tuple[date, date] | None = None,
+) -> list[str]:
+    """Build the seed tables, the macros and every model, in one transaction.
+
+    ``check_days`` is a range of local days ``(first, end)``, end exclusive, that limits the
+    check models to the data points and buckets of those days, as a nightly run does for the
+    days it loaded; an empty range checks nothing. None checks every day. The staging views
+    and marts always cover every day.
 
     Returns the model names in the order built. On an error nothing is changed and
     ModelError names the file that failed.
@@ -178,6 +194,7 @@ def run_models(connection: duckdb.DuckDBPyConnection, sql_dir: Path | None = Non
     connection.begin()
     try:
         _write_category_rules(connection)
+        _write_check_scope(connection, check_days)
         for path in sorted((sql_dir / MACRO_FOLDER).glob("*.sql")):
             _execute_file(connection, path)
         for name in order:
@@ -296,6 +313,24 @@ def _object_type(connection: duckdb.DuckDBPyConnection, name: str) -> str | None
         [name],
     ).fetchone()
     return row[0] if row else None
+
+
+def _write_check_scope(connection: duckdb.DuckDBPyConnection, check_days: tuple[date, date] | None) -> None:
+    """Write CHECK_SCOPE_TABLE for ``check_days``, or for every day when it is None."""
+    if check_days is None:
+        connection.execute(
+            f"create or replace table {CHECK_SCOPE_TABLE} as select date '0001-01-01' as first_day, "
+            "date '9999-12-31' as end_day, '-infinity'::timestamptz as first_instant, 'infinity'::timestamptz as end_instant"
+        )
+        return
+    first_day, end_day = check_days
+    if end_day < first_day:
+        raise ValueError(f"check_days end {end_day} is before its first day {first_day}; pass (first, end) with end exclusive")
+    connection.execute(
+        f"create or replace table {CHECK_SCOPE_TABLE} as select ?::date as first_day, ?::date as end_day, "
+        "?::timestamptz as first_instant, ?::timestamptz as end_instant",
+        [first_day, end_day, local_midnight(first_day), local_midnight(end_day)],
+    )
 
 
 def _write_category_rules(connection: duckdb.DuckDBPyConnection) -> None:

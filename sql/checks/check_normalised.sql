@@ -10,7 +10,7 @@ with
 
 datapoints as (
 
-    select * from stg_datapoints
+    select * from stg_checked_datapoints
 
 ),
 

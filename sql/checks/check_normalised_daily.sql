@@ -7,9 +7,27 @@
 
 with
 
-per_mw_daily as (
+all_days as (
 
     select * from mart_per_mw_daily
+
+),
+
+scope as (
+
+    select * from check_scope
+
+),
+
+per_mw_daily as (
+
+    -- The mart covers every day; the check compares the days in check_scope.
+    select all_days.*
+
+    from all_days
+    cross join scope
+    where all_days.local_day >= scope.first_day
+        and all_days.local_day < scope.end_day
 
 ),
 

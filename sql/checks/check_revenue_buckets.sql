@@ -13,7 +13,7 @@ with
 
 buckets as (
 
-    select * from stg_revenue_buckets
+    select * from stg_checked_revenue_buckets
 
 ),
 
