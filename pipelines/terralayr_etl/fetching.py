@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from terralayr_etl.categories import CATEGORY_NAMES
-from terralayr_etl.client import ApiClient
+from terralayr_etl.client import ApiClient, RawResponse
 from terralayr_etl.errors import MalformedResponseError
 from terralayr_etl.normalise import UTC_TIMESTAMP, normalise_datapoints, normalise_revenue_buckets
 from terralayr_etl.pipeline import FetchJob, WindowResult
@@ -29,6 +30,8 @@ from terralayr_etl.storage import ParquetStore
 from terralayr_etl.timeutil import isoformat_z
 
 logger = logging.getLogger("terralayr_etl.fetching")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,13 @@ class _CpuSlot:
         if self._acquired:
             self._acquired = False
             CPU_SLOTS.release()
+
+    def outside(self, download: Callable[[], T]) -> T:
+        """Run ``download`` without the slot, so that network waits leave it to other windows."""
+        self.release()
+        result = download()
+        self.take()
+        return result
 
 
 def _fetch_and_write(
@@ -169,9 +179,9 @@ def _fetch_with_refetches(
 
 
 def _fetch_datapoints_once(client: ApiClient, job: FetchJob, run_id: str, slot: _CpuSlot) -> _Fetched:
-    slot.release()
-    responses = client.fetch_datapoints(job.entity_type, job.entity_id, job.resolution, job.window_start, job.window_end)
-    slot.take()
+    responses = slot.outside(
+        lambda: client.fetch_datapoints(job.entity_type, job.entity_id, job.resolution, job.window_start, job.window_end)
+    )
     pages = []
     missing: set[str] = set()
     for response in responses:
@@ -186,9 +196,7 @@ def _fetch_datapoints_once(client: ApiClient, job: FetchJob, run_id: str, slot: 
                 endpoint=response.endpoint,
             )
         except MalformedResponseError as exc:
-            raise MalformedResponseError(
-                str(exc), body=response.body, endpoint=response.endpoint, params=response.params
-            ) from None
+            raise _with_payload(exc, response) from None
         pages.append(page)
         # The request names no category, which requests all of them, so each page must carry
         # each. A page without one would load as a gap in that category.
@@ -208,9 +216,8 @@ def _fetch_datapoints_once(client: ApiClient, job: FetchJob, run_id: str, slot: 
 
 def _fetch_buckets_once(client: ApiClient, job: FetchJob, run_id: str, slot: _CpuSlot) -> _Fetched:
     assert job.product is not None
-    slot.release()
-    response = client.fetch_revenue_buckets(job.entity_id, job.product, job.window_start, job.window_end)
-    slot.take()
+    product = job.product
+    response = slot.outside(lambda: client.fetch_revenue_buckets(job.entity_id, product, job.window_start, job.window_end))
     try:
         table = normalise_revenue_buckets(
             response.body,
@@ -221,8 +228,13 @@ def _fetch_buckets_once(client: ApiClient, job: FetchJob, run_id: str, slot: _Cp
             endpoint=response.endpoint,
         )
     except MalformedResponseError as exc:
-        raise MalformedResponseError(str(exc), body=response.body, endpoint=response.endpoint, params=response.params) from None
+        raise _with_payload(exc, response) from None
     return _Fetched(table=table, pages=1)
+
+
+def _with_payload(exc: MalformedResponseError, response: RawResponse) -> MalformedResponseError:
+    """Return ``exc`` again with the response's body, endpoint and parameters, for the quarantine."""
+    return MalformedResponseError(str(exc), body=response.body, endpoint=response.endpoint, params=response.params)
 
 
 def _split_at_window(table: pa.Table, job: FetchJob) -> tuple[pa.Table, pa.Table]:
