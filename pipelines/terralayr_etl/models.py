@@ -168,10 +168,9 @@ def run_models(
 ) -> list[str]:
     """Build the seed tables, the macros and every model, in one transaction.
 
-    ``check_days`` is a range of local days ``(first, end)``, end exclusive, that limits the
-    check models to the data points and buckets of those days, as a nightly run does for the
-    days it loaded; an empty range checks nothing. None checks every day. The staging views
-    and marts always cover every day.
+    ``check_days`` is a range of local days ``(first, end)``, end exclusive. The check models
+    then compare only the data points and buckets of those days, and an empty range checks
+    nothing. None checks every day. The staging views and marts always cover every day.
 
     Returns the model names in the order built. On an error nothing is changed and
     ModelError names the file that failed.

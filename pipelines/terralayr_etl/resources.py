@@ -35,7 +35,7 @@ class ReentrantSlots:
         self._local = threading.local()
 
     def acquire(self) -> None:
-        """Take a slot, waiting for one unless this thread already holds one."""
+        """Take a slot, waiting for one unless this thread already has one."""
         depth = getattr(self._local, "depth", 0)
         if depth == 0:
             self._semaphore.acquire()
