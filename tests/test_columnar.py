@@ -1,4 +1,4 @@
-"""The Arrow parser of compact point lists, and its agreement with the general msgspec path."""
+"""The vectorised parser of compact point lists, and its agreement with the general msgspec path."""
 
 from __future__ import annotations
 
@@ -21,23 +21,45 @@ def _compact(points: list[dict]) -> bytes:
 def test_parse_point_lists_reads_compact_lists() -> None:
     first = [
         {"timestamp": "2024-10-26T22:00:00Z", "value": 1.5},
-        {"timestamp": "2024-10-26T23:00:00+01:00", "value": None},
+        {"timestamp": "2024-10-26T23:00:00Z", "value": None},
         {"timestamp": "2024-10-27T00:00:00Z", "value": -2.5e-3},
     ]
-    second = [{"timestamp": "2024-10-26T22:00:00Z", "value": 0}]
+    second = [
+        {"timestamp": "2024-10-27T00:00:00+01:00", "value": 0},
+        {"timestamp": "2024-10-27T01:00:00+01:00", "value": 123456789.125},
+    ]
 
     columns = parse_point_lists([_compact(first), _compact(second)], UTC_TIMESTAMP)
 
     assert columns is not None
-    assert columns.lengths == [3, 1]
-    assert columns.value.to_pylist() == [1.5, None, -0.0025, 0.0]
+    assert columns.lengths == [3, 2]
+    assert columns.value.to_pylist() == [1.5, None, -0.0025, 0.0, 123456789.125]
     assert columns.period_start.type == UTC_TIMESTAMP
     assert [instant.isoformat() for instant in columns.period_start.to_pylist()] == [
         "2024-10-26T22:00:00+00:00",
-        "2024-10-26T22:00:00+00:00",
+        "2024-10-26T23:00:00+00:00",
         "2024-10-27T00:00:00+00:00",
-        "2024-10-26T22:00:00+00:00",
+        "2024-10-26T23:00:00+00:00",
+        "2024-10-27T00:00:00+00:00",
     ]
+
+
+def test_parse_point_lists_shared_timestamps() -> None:
+    shared = ["2024-10-26T22:00:00Z", "2024-10-26T23:00:00Z"]
+    lists = [
+        _compact([{"timestamp": instant, "value": 1} for instant in shared]),
+        _compact([{"timestamp": instant, "value": 2} for instant in shared]),
+        _compact([{"timestamp": instant, "value": 3} for instant in ["2024-10-26T22:00:00Z", "2024-10-26T23:15:00Z"]]),
+        _compact([{"timestamp": "2024-10-26T22:00:00Z", "value": 4}]),
+    ]
+
+    columns = parse_point_lists(lists, UTC_TIMESTAMP)
+
+    assert columns is not None
+    assert [instant.strftime("%H:%M") for instant in columns.period_start.to_pylist()] == [
+        "22:00", "23:00", "22:00", "23:00", "22:00", "23:15", "22:00",
+    ]
+    assert columns.value.to_pylist() == [1, 1, 2, 2, 3, 3, 4]
 
 
 def test_parse_point_lists_accepts_no_lists() -> None:
@@ -59,8 +81,21 @@ def test_parse_point_lists_accepts_no_lists() -> None:
         b'[{"timestamp":"2024-10-26T22:00:00Z","value":1e400}]',
         b'[{"timestamp":"2024-10-26T22:00:00","value":1.5}]',
         b"[]",
+        b'[{"timestamp":"2024-10-26T22:00:00Z","value":1},{"timestamp":"2024-10-26T23:00:00+00:00","value":2}]',
+        b'[{"timestamp":"2024-10-26T22:00:00Z","value":{"amount":1}}]',
+        b'[{"timestamp":"2024-10-26T22:00:00Z","value":[1]}]',
+        b'[{"timestamp":"2024-10-26T22:00:00\\u005a","value":1}]',
+        b'[{"timestamp":"2024-10-26}22:00:00Z","value":1}]',
+        b'[{"timestamq":"2024-10-26T22:00:00Z","value":1}]',
+        b'[{"timestamp":"2024-10-26T22:00:00Z","valuf":1}]',
+        b'[{"timestamp":"2024","value":1}]',
+        b'[{"timestamp":"2024-10-26T22:00:00Z","value":1},[1,2]]',
     ],
-    ids=["spaces", "key order", "extra key", "numeric string", "boolean", "overflow", "no offset", "empty"],
+    ids=[
+        "spaces", "key order", "extra key", "numeric string", "boolean", "overflow", "no offset", "empty",
+        "two timestamp forms in one list", "object value", "array value", "escaped timestamp",
+        "brace in timestamp", "other timestamp key", "other value key", "short timestamp", "not a point",
+    ],
 )
 def test_parse_point_lists_leaves_other_forms(point_list: bytes) -> None:
     assert parse_point_lists([point_list], UTC_TIMESTAMP) is None

@@ -1,15 +1,22 @@
 """Parse the point lists of a data-point response into Arrow columns without a Python object per point.
 
 The API writes each category's points as compact JSON, ``[{"timestamp":"...","value":...},...]``.
-For that form, Arrow splits the list into points and a regular expression (RE2) pulls out
-each point's timestamp and value, so that the per-point work runs in Arrow's C++ code, which
-releases the GIL. Any other form (spaces, another key order, a numeric string, an empty list)
-makes ``parse_point_lists`` return None, and the caller takes the general msgspec path,
-which accepts every valid form and names the offending value when a body is malformed.
+In that form only two things vary between points: the timestamp's text and the value's
+text. So the parser finds every point's closing brace with one vectorised search, derives
+each point's start from the brace before it, and checks the fixed bytes in between with
+numpy comparisons. The value texts then become an Arrow string view over the body itself and
+are cast to float64 in C++, without copying or a per-point Python call. Timestamps are parsed
+once per distinct series of texts, as the series of one response usually share them.
 
-The caller must have checked that the whole body is valid JSON, as msgspec does while it
-decodes the lists as ``msgspec.Raw``. On valid JSON the anchored expression matches only a
-whole point object of the compact form, so a list in any other form does not match.
+Any other form (spaces, another key order, a numeric string, an empty list, timestamps of
+different lengths in one list) makes ``parse_point_lists`` return None, and the caller takes
+the general msgspec path, which accepts every valid form and names the offending value when
+a body is malformed.
+
+The caller must have checked that each list is valid JSON, as msgspec does while it decodes
+the lists as ``msgspec.Raw``. On valid JSON, a list that passes every check below consists
+of compact point objects only: each brace found is followed by ``,{"timestamp":"`` or ends
+the list, and a value text that is a JSON string, object, array or boolean fails the cast.
 """
 
 from __future__ import annotations
@@ -17,14 +24,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
-# Splitting a list at "},{" leaves "[{" on its first point and "}]" on its last.
-_POINT = (
-    r'^(?:\[\{)?"timestamp":"(?P<timestamp>[^"\\]*)",'
-    rf'"value":(?P<value>null|{_NUMBER})(?:\}}\])?$'
+_HEAD = b'{"timestamp":"'
+_MIDDLE = b'","value":'
+_NULL = np.frombuffer(b"null", "<u4")[0]
+_PADDING = bytes(16)
+"""Appended to the joined lists, so that 8-byte reads near the end stay inside the buffer."""
+_SHORTEST_LIST = len(b"[") + len(_HEAD) + 8 + len(_MIDDLE) + len(b"0}]")
+"""A list with one point, a timestamp of 8 bytes and a one-digit value; "[]" is shorter."""
+_MAX_BYTES = 2**31 - 1
+"""Arrow's string views address their bytes with 32-bit offsets."""
+
+# _KEEP[n] masks the first n bytes of a 12-byte inline string view, as three 32-bit words.
+_KEEP = np.array(
+    [[int.from_bytes(bytes(0xFF if 4 * word + i < n else 0 for i in range(4)), "little") for word in range(3)] for n in range(13)],
+    dtype=np.uint32,
 )
 
 
@@ -40,62 +58,161 @@ class PointColumns:
     """float64, null where the API sent null."""
 
 
-def parse_point_lists(point_lists: Sequence[bytes], timestamp_type: pa.DataType) -> PointColumns | None:
+def parse_point_lists(point_lists: Sequence[bytes] | Sequence[msgspec.Raw], timestamp_type: pa.DataType) -> PointColumns | None:
     """Parse compact JSON point lists, or return None when one of them needs the general path.
 
-    ``point_lists`` are the raw JSON arrays of the series, each already checked to be valid
-    JSON. None means only that the fast path does not apply: the caller must then parse the
-    body in full, which also finds the problem if there is one.
+    ``point_lists`` are the raw JSON arrays of the series (bytes or ``msgspec.Raw``), each
+    already checked to be valid JSON. None means only that the fast path does not apply: the
+    caller must then parse the body in full, which also finds the problem if there is one.
     """
-    lists = pa.array(point_lists, pa.string())
-    if len(lists) == 0:
+    if not point_lists:
         return PointColumns([], pa.array([], timestamp_type), pa.array([], pa.float64()))
-    if pc.any(pc.equal(lists, "[]")).as_py():
+    data = b"".join([*point_lists, _PADDING])
+    if len(data) > _MAX_BYTES:
         return None
-
-    points = pc.split_pattern(lists, pattern="},{")
-    lengths = pc.list_value_length(points).to_pylist()
-    fields = pc.extract_regex(pc.list_flatten(points), _POINT)
-    if fields.null_count:
+    layout = _Layout.find(data, np.fromiter(map(len, point_lists), np.int64, len(point_lists)))
+    if layout is None:
         return None
-
-    value = _values(fields.field("value"))
+    value = _values(data, layout)
     if value is None:
         return None
-    period_start = _timestamps(fields.field("timestamp"), lengths, timestamp_type)
+    period_start = _timestamps(data, layout, timestamp_type)
     if period_start is None:
         return None
-    return PointColumns(lengths, period_start, value)
+    return PointColumns(layout.lengths.tolist(), period_start, value)
 
 
-def _values(texts: pa.Array) -> pa.Array | None:
-    """Convert JSON number texts and ``null`` to float64, or return None for a non-finite result."""
-    numbers = pc.if_else(pc.equal(texts, "null"), pa.scalar(None, pa.string()), texts)
-    value = pc.cast(numbers, pa.float64())
-    # A number beyond the float64 range parses as infinity; the general path names it.
+def _unaligned(data: bytes, dtype: str) -> np.ndarray:
+    """Return a view whose element k is the integer formed by the bytes starting at offset k."""
+    size = np.dtype(dtype).itemsize
+    return np.ndarray(shape=(len(data) - size + 1,), dtype=dtype, buffer=data, strides=(1,))
+
+
+def _all_equal(words: np.ndarray, positions: np.ndarray, pattern: bytes) -> bool:
+    """Return True when ``pattern`` (8 to 16 bytes) starts at every position, compared 8 bytes at a time."""
+    first = np.frombuffer(pattern[:8], "<u8")[0]
+    last = np.frombuffer(pattern[-8:], "<u8")[0]
+    return bool((words[positions] == first).all() and (words[positions + len(pattern) - 8] == last).all())
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The offsets and sizes of each point's timestamp and value text in the joined lists."""
+
+    lengths: np.ndarray
+    """Points per list."""
+    first: np.ndarray
+    """Index of each list's first point."""
+    timestamp_at: np.ndarray
+    timestamp_size: np.ndarray
+    """Timestamp text size per list, equal for every point of the list."""
+    value_at: np.ndarray
+    value_size: np.ndarray
+
+    @classmethod
+    def find(cls, data: bytes, sizes: np.ndarray) -> _Layout | None:
+        """Locate the points of compact lists, or return None if a list is in another form."""
+        buf = np.frombuffer(data, np.uint8)[: len(data) - len(_PADDING)]
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        if (sizes < _SHORTEST_LIST).any():
+            return None
+        if not ((buf[starts] == ord("[")).all() and (buf[starts + 1] == ord("{")).all() and (buf[ends - 1] == ord("]")).all()):
+            return None
+
+        close = np.flatnonzero(buf == ord("}"))
+        closes_before_end = np.searchsorted(close, ends)
+        lengths = np.diff(closes_before_end, prepend=0)
+        first = closes_before_end - lengths
+        last = closes_before_end - 1
+        if (lengths == 0).any():
+            return None
+        # A point starts two bytes after the previous one's brace ("},{"), or after the "[".
+        start = np.empty_like(close)
+        start[1:] = close[:-1] + 2
+        start[first] = starts + 1
+        separator = np.full(len(close), ord(","), np.uint8)
+        separator[last] = ord("]")
+        if not ((buf[close + 1] == separator).all() and (close[last] + 2 == ends).all() and (buf[start] == ord("{")).all()):
+            return None
+
+        words = _unaligned(data, "<u8")
+        if not _all_equal(words, start, _HEAD):
+            return None
+        timestamp_at = start + len(_HEAD)
+        timestamp_size = np.array([data.find(b'"', at) - at for at in timestamp_at[first].tolist()], np.int64)
+        if (timestamp_size < 8).any():
+            return None
+        value_at = timestamp_at + np.repeat(timestamp_size, lengths)
+        if not _all_equal(words, value_at, _MIDDLE):
+            return None
+        value_at += len(_MIDDLE)
+        value_size = close - value_at
+        if (value_size <= 0).any():
+            return None
+        return cls(lengths, first, timestamp_at, timestamp_size, value_at, value_size)
+
+
+def _values(data: bytes, layout: _Layout) -> pa.Array | None:
+    """Cast the value texts to float64, or return None for a text that is not a finite number."""
+    at, size = layout.value_at, layout.value_size.astype(np.uint32)
+    words = _unaligned(data, "<u4")
+    is_null = (size == 4) & (words[at] == _NULL)
+    # Arrow's string view: per string a length and either the string itself (up to 12 bytes)
+    # or its first 4 bytes, a buffer index and an offset into that buffer.
+    views = np.empty((len(at), 4), np.uint32)
+    views[:, 0] = size
+    views[:, 1] = words[at]
+    views[:, 2] = 0
+    views[:, 3] = at
+    inline = np.flatnonzero(size <= 12)
+    if len(inline):
+        short_at = at[inline]
+        texts = np.stack([views[inline, 1], words[short_at + 4], words[short_at + 8]], axis=1)
+        views[inline, 1:] = texts & _KEEP[size[inline]]
+    null_count = int(is_null.sum())
+    validity = pa.py_buffer(np.packbits(~is_null, bitorder="little")) if null_count else None
+    texts = pa.Array.from_buffers(pa.string_view(), len(at), [validity, pa.py_buffer(views), pa.py_buffer(data)], null_count)
+    try:
+        value = pc.cast(texts, pa.float64())
+    except pa.ArrowInvalid:
+        return None
+    # Arrow also reads "nan", "inf" and numbers beyond float64's range; the general path names them.
     if not pc.all(pc.fill_null(pc.is_finite(value), True)).as_py():
         return None
     return value
 
 
-def _timestamps(texts: pa.Array, lengths: list[int], timestamp_type: pa.DataType) -> pa.Array | None:
-    """Parse each series' timestamps, once per distinct run of strings, or return None on a failure.
+def _timestamps(data: bytes, layout: _Layout, timestamp_type: pa.DataType) -> pa.Array | None:
+    """Parse each list's timestamps, once per distinct run of texts, or return None on a failure.
 
-    The series of one response usually share their timestamps, and comparing two Arrow
-    string arrays costs far less than parsing them again.
+    Two lists have the same texts when their lengths, text sizes and every 8-byte word of
+    every text are equal, which costs far less than parsing the texts again.
     """
+    words = _unaligned(data, "<u8")
+    size_per_point = np.repeat(layout.timestamp_size, layout.lengths)
+    word_count = -(-int(layout.timestamp_size.max()) // 8)
+    keys = np.stack([words[layout.timestamp_at + np.minimum(8 * k, size_per_point - 8)] for k in range(word_count)])
+
     parts: list[pa.Array] = []
-    previous: pa.Array | None = None
+    previous: tuple[int, int, np.ndarray] | None = None
     parsed: pa.Array | None = None
-    offset = 0
-    for length in lengths:
-        strings = texts.slice(offset, length)
-        if parsed is None or previous is None or not strings.equals(previous):
-            try:
-                parsed = pc.cast(strings, timestamp_type)
-            except pa.ArrowInvalid:
+    for first, length, size in zip(layout.first.tolist(), layout.lengths.tolist(), layout.timestamp_size.tolist(), strict=True):
+        key = keys[:, first : first + length]
+        if parsed is None or previous is None or previous[:2] != (length, size) or not np.array_equal(previous[2], key):
+            parsed = _parse_timestamps(data, layout.timestamp_at[first : first + length], size, timestamp_type)
+            if parsed is None:
                 return None
-            previous = strings
+            previous = (length, size, key)
         parts.append(parsed)
-        offset += length
     return pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+
+
+def _parse_timestamps(data: bytes, at: np.ndarray, size: int, timestamp_type: pa.DataType) -> pa.Array | None:
+    rows = np.ndarray(shape=(len(data) - size + 1, size), dtype=np.uint8, buffer=data, strides=(1, 1))[at]
+    offsets = np.arange(0, (len(at) + 1) * size, size, dtype=np.int32)
+    texts = pa.StringArray.from_buffers(len(at), pa.py_buffer(offsets), pa.py_buffer(rows))
+    try:
+        return pc.cast(texts, timestamp_type)
+    except pa.ArrowInvalid:
+        return None

@@ -2,7 +2,7 @@
 
 A data-point body takes one of two paths. When msgspec finds the body valid and every point
 list is in the API's compact form, ``columnar.parse_point_lists`` turns the lists into Arrow
-columns in C++ code, without a Python object per point and without holding the GIL. Any other
+columns with numpy and Arrow operations over whole lists, without a Python object per point. Any other
 body is decoded into typed Structs, which checks its shape point by point. Both paths give the
 same table for the same data. In both, timestamps go to UTC in an Arrow cast, which accepts
 ``Z`` and explicit offsets and rejects a timestamp without one. When something is wrong, the
@@ -209,7 +209,7 @@ def _decode_columnar(body: bytes) -> _DecodedPage | None:
         decoded = _RAW_DATAPOINTS_DECODER.decode(body)
     except msgspec.DecodeError:
         return None
-    columns = parse_point_lists([bytes(points) for points in decoded.data.values()], UTC_TIMESTAMP)
+    columns = parse_point_lists(list(decoded.data.values()), UTC_TIMESTAMP)
     if columns is None:
         return None
     return _DecodedPage(tuple(decoded.data), columns, decoded.meta_data, decoded.next_cursor)
