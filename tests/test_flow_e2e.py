@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date
 
 import duckdb
@@ -128,3 +129,19 @@ def test_flow_parquet_matches_warehouse(two_dst_windows):
     keys = parquet.select("entity_type", "entity_id", "category", "period_start", "resolution").unique().select(pl.len()).collect().item()
     assert parquet_rows == keys
     assert parquet_rows == _table_counts(data_dir)["datapoints"]
+
+
+def test_flow_run_parameters_give_request_paths(two_dst_windows):
+    data_dir, *_ = two_dst_windows
+    connection = _connect(data_dir)
+    try:
+        (parameters,) = connection.execute("select parameters from runs order by started_at limit 1").fetchone()
+    finally:
+        connection.close()
+    templates = json.loads(parameters)["datapoint_paths"]
+    parquet = pl.scan_parquet(str(data_dir / "parquet" / "datapoints" / "**" / "*.parquet"), hive_partitioning=True)
+    stored = parquet.select("entity_type", "entity_id", "endpoint").unique().collect()
+
+    assert stored.height > 0
+    for entity_type, entity_id, endpoint in stored.iter_rows():
+        assert templates[entity_type].format(entity_id=entity_id) == endpoint

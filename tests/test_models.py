@@ -280,7 +280,7 @@ def test_completeness_flags_rows_outside_lifetime(connection):
     # va-c starts on 2024-10-27, so it must report nothing on 2024-10-26.
     connection.execute(
         "insert into datapoints select entity_type, 'va-c', resolution, category, period_start, value, unit, "
-        "run_id, fetched_at, endpoint from datapoints where entity_id = 'va-b' and resolution = '15min' "
+        "run_id, fetched_at from datapoints where entity_id = 'va-b' and resolution = '15min' "
         "and category = 'hurdle_price_vba' and period_start < '2024-10-26 22:00:00+00'"
     )
 

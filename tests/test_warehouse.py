@@ -79,16 +79,15 @@ def test_warehouse_creates_contract_tables(warehouse: Warehouse):
     for table_name, column_name, data_type in columns:
         by_table.setdefault(table_name, []).append((column_name, data_type))
     assert by_table["datapoints"] == [
-        ("entity_type", "VARCHAR"),
+        ("entity_type", "ENUM('virtual_asset', 'portfolio', 'fleet', 'physical_asset')"),
         ("entity_id", "VARCHAR"),
-        ("resolution", "VARCHAR"),
+        ("resolution", "ENUM('raw', '15min', 'hourly', 'daily')"),
         ("category", "VARCHAR"),
         ("period_start", "TIMESTAMP WITH TIME ZONE"),
         ("value", "DOUBLE"),
         ("unit", "VARCHAR"),
         ("run_id", "VARCHAR"),
         ("fetched_at", "TIMESTAMP WITH TIME ZONE"),
-        ("endpoint", "VARCHAR"),
     ]
     assert [name for name, _ in by_table["revenue_buckets"]] == [
         "entity_id", "product", "bucket_start", "bucket_end", "revenue_eur",
@@ -141,16 +140,18 @@ def test_warehouse_datapoints_have_no_index(warehouse: Warehouse):
     assert indexed == (0,)
 
 
-def test_warehouse_drops_key_of_older_warehouse(tmp_path: Path):
-    path = tmp_path / "warehouse.duckdb"
-    files = ParquetStore(tmp_path).write_datapoints(_datapoints(4))
+_OLDER_DATAPOINTS_TABLE = (
+    "create table datapoints (entity_type varchar not null, entity_id varchar not null, "
+    "resolution varchar not null, category varchar not null, period_start timestamptz not null, "
+    "value double, unit varchar, run_id varchar, fetched_at timestamptz, endpoint varchar, "
+    "primary key (entity_type, entity_id, resolution, category, period_start))"
+)
+
+
+def _older_warehouse(path: Path, files: list[Path]) -> None:
+    """Create a warehouse in the form of earlier versions: a key, VARCHAR columns and the request path."""
     older = duckdb.connect(str(path))
-    older.execute(
-        "create table datapoints (entity_type varchar not null, entity_id varchar not null, "
-        "resolution varchar not null, category varchar not null, period_start timestamptz not null, "
-        "value double, unit varchar, run_id varchar, fetched_at timestamptz, endpoint varchar, "
-        "primary key (entity_type, entity_id, resolution, category, period_start))"
-    )
+    older.execute(_OLDER_DATAPOINTS_TABLE)
     older.execute(
         "insert into datapoints select entity_type, entity_id, resolution, category, period_start, value, unit, "
         "run_id, fetched_at, endpoint from read_parquet($files, hive_partitioning = true)",
@@ -158,18 +159,47 @@ def test_warehouse_drops_key_of_older_warehouse(tmp_path: Path):
     )
     older.close()
 
+
+def test_warehouse_upgrades_older_datapoints_table(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    files = ParquetStore(tmp_path).write_datapoints(_datapoints(4))
+    _older_warehouse(path, files)
+
     with Warehouse(path) as warehouse:
         keys = warehouse.connection.execute(
             "select count(*) from duckdb_constraints() where table_name = 'datapoints' and constraint_type = 'PRIMARY KEY'"
         ).fetchone()
-        before = warehouse.connection.execute("select count(*) from datapoints").fetchone()
+        columns = warehouse.connection.execute(
+            "select column_name, data_type from duckdb_columns() where table_name = 'datapoints'"
+        ).fetchall()
+        before = warehouse.connection.execute("select count(*), sum(value) from datapoints").fetchone()
         loaded = warehouse.load_datapoints(files)
-        after = warehouse.connection.execute("select count(*) from datapoints").fetchone()
+        after = warehouse.connection.execute("select count(*), sum(value) from datapoints").fetchone()
 
     assert keys == (0,)
-    assert before == (8,)
+    assert "endpoint" not in dict(columns)
+    assert dict(columns)["resolution"].startswith("ENUM(")
+    assert before == (8, 12.0)
     assert loaded == 8
-    assert after == (8,)
+    assert after == (8, 12.0)
+
+
+def test_warehouse_upgrade_names_invalid_rows(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    _older_warehouse(path, ParquetStore(tmp_path).write_datapoints(_datapoints(4)))
+    older = duckdb.connect(str(path))
+    older.execute("update datapoints set resolution = '5min' where category = 'revenue_fcr'")
+    older.close()
+
+    with pytest.raises(TerralayrError) as raised:
+        Warehouse(path)
+
+    assert "5min" in str(raised.value)
+    assert "delete the other rows" in str(raised.value)
+    unchanged = duckdb.connect(str(path), read_only=True)
+    assert unchanged.execute("select count(*) from datapoints").fetchone() == (8,)
+    assert "endpoint" in [row[0] for row in unchanged.execute("describe datapoints").fetchall()]
+    unchanged.close()
 
 
 def test_warehouse_load_takes_partition_columns(tmp_path: Path, warehouse: Warehouse):

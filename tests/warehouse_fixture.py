@@ -19,6 +19,7 @@ import polars as pl
 
 from terralayr_etl.categories import CATEGORIES, CATEGORY_NAMES, DAYS_PER_YEAR
 from terralayr_etl.timeutil import day_range, local_midnight
+from terralayr_etl.warehouse_sql import DATAPOINTS_COLUMNS_SQL
 
 RUN_ID = "fixture-run"
 FETCHED_AT = datetime(2024, 11, 1, 3, 30, tzinfo=UTC)
@@ -73,13 +74,8 @@ VIRTUAL_ASSETS = (
 )
 PHYSICAL_ASSETS = {PHYSICAL_ASSET_ID: ("va-a", "va-c")}
 
-SCHEMA = """
-create table if not exists datapoints (
-    entity_type varchar, entity_id varchar, resolution varchar, category varchar,
-    period_start timestamptz, value double, unit varchar, run_id varchar,
-    fetched_at timestamptz, endpoint varchar,
-    primary key (entity_type, entity_id, resolution, category, period_start)
-);
+SCHEMA = f"""
+create table if not exists datapoints {DATAPOINTS_COLUMNS_SQL};
 create table if not exists revenue_buckets (
     entity_id varchar, product varchar, bucket_start timestamptz, bucket_end timestamptz,
     revenue_eur double, currency varchar, run_id varchar, fetched_at timestamptz, endpoint varchar,
@@ -335,7 +331,6 @@ def _to_long(wide: pl.DataFrame, entity_type: str, entity_id: str, resolution: s
         unit=pl.col("category").replace_strict(units),
         run_id=pl.lit(RUN_ID),
         fetched_at=pl.lit(FETCHED_AT),
-        endpoint=pl.lit(f"/fixture/{entity_type}/{entity_id}"),
     )
 
 

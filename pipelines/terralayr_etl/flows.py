@@ -30,7 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from terralayr_etl import __version__
 from terralayr_etl.boundaries import BoundaryReport, resolve_outside_rows
 from terralayr_etl.client import ApiClient
-from terralayr_etl.config import Settings, load_credentials, load_settings
+from terralayr_etl.config import ENTITY_TYPES, Settings, load_credentials, load_settings
 from terralayr_etl.batches import fetch_batch, is_transient, plan_batches
 from terralayr_etl.errors import TerralayrError
 from terralayr_etl.fetching import fetch_window
@@ -259,6 +259,9 @@ def nightly(
             "end": span.end_day.isoformat(),
             "incremental": span.incremental,
             "resolutions": resolutions,
+            # Warehouse rows do not store their request path. It is this template with the
+            # row's entity_id filled in, and the Parquet files keep it per row.
+            "datapoint_paths": {entity_type: settings.api.paths.datapoints(entity_type) for entity_type in ENTITY_TYPES},
         }
         warehouse.start_run(run_id, __version__, parameters)
         with _RUNTIMES_LOCK:

@@ -23,8 +23,10 @@ import pyarrow as pa
 from filelock import FileLock, Timeout
 
 from terralayr_etl.asset_rows import VIRTUAL_ASSET_SCHEMA, member_row, virtual_asset_record, watermark_key
+from terralayr_etl.config import ENTITY_TYPES, RESOLUTIONS
 from terralayr_etl.errors import TerralayrError, WarehouseLockedError
 from terralayr_etl.warehouse_sql import (
+    DATAPOINTS_COLUMNS,
     DATAPOINTS_COLUMNS_SQL,
     DELETE_REPLACED_CHUNK,
     FIND_REPLACED_DATAPOINTS,
@@ -88,17 +90,20 @@ class Warehouse:
         except Timeout:
             raise WarehouseLockedError(_locked_message(self.path, _read_pid(self.lock_path))) from None
 
+        connection = None
         try:
-            self.connection = duckdb.connect(str(self.path))
+            connection = duckdb.connect(str(self.path))
+            self.connection = connection
             self.connection.execute("set TimeZone = 'UTC'")
             self.connection.execute(SCHEMA_SQL)
-            self._drop_datapoints_primary_key()
-        except duckdb.IOException as exc:
+            self._upgrade_datapoints_table()
+        except BaseException as exc:
+            if connection is not None:
+                connection.close()
             self._lock.release()
-            # DuckDB's own file lock is held, for example by a DuckDB shell outside terralayr-etl.
-            raise WarehouseLockedError(f"{_locked_message(self.path, None)} (DuckDB: {exc})") from None
-        except BaseException:
-            self._lock.release()
+            if isinstance(exc, duckdb.IOException):
+                # DuckDB's own file lock is held, for example by a DuckDB shell outside terralayr-etl.
+                raise WarehouseLockedError(f"{_locked_message(self.path, None)} (DuckDB: {exc})") from None
             raise
         self._closed = False
         logger.info("Opened warehouse %s", self.path)
@@ -376,20 +381,45 @@ class Warehouse:
         ).fetchone()
         return _as_utc(row[0]) if row and row[0] is not None else None
 
-    def _drop_datapoints_primary_key(self) -> None:
-        """Rebuild a ``datapoints`` table created with a PRIMARY KEY by an earlier version without it."""
-        row = self.connection.execute(
+    def _upgrade_datapoints_table(self) -> None:
+        """Rebuild a ``datapoints`` table that an earlier version created in another form.
+
+        Earlier versions gave the table a PRIMARY KEY, stored the request path per row and
+        kept entity_type and resolution as VARCHAR. The rebuild keeps every row.
+        """
+        keys = self.connection.execute(
             "select count(*) from duckdb_constraints() where database_name = current_database() "
             "and schema_name = current_schema() and table_name = 'datapoints' and constraint_type = 'PRIMARY KEY'"
         ).fetchone()
-        if not row or row[0] == 0:
+        stored = self._column_types("datapoints", "current_database()")
+        self.connection.execute(f"create or replace temp table _current_datapoints {DATAPOINTS_COLUMNS_SQL}")
+        try:
+            current = self._column_types("_current_datapoints", "'temp'")
+        finally:
+            self.connection.execute("drop table if exists temp._current_datapoints")
+        if (not keys or keys[0] == 0) and stored == current:
             return
-        with self._transaction():
-            self.connection.execute(f"create table datapoints_without_key {DATAPOINTS_COLUMNS_SQL}")
-            self.connection.execute("insert into datapoints_without_key select * from datapoints")
-            self.connection.execute("drop table datapoints")
-            self.connection.execute("alter table datapoints_without_key rename to datapoints")
-        logger.info("Rebuilt the datapoints table of %s without its primary key index", self.path)
+        columns = ", ".join(DATAPOINTS_COLUMNS)
+        try:
+            with self._transaction():
+                self.connection.execute(f"create table datapoints_upgraded {DATAPOINTS_COLUMNS_SQL}")
+                self.connection.execute(f"insert into datapoints_upgraded select {columns} from datapoints")
+                self.connection.execute("drop table datapoints")
+                self.connection.execute("alter table datapoints_upgraded rename to datapoints")
+        except duckdb.ConversionException as exc:
+            raise TerralayrError(
+                f"could not upgrade the datapoints table of {self.path}: {exc}. Its entity_type and resolution "
+                f"must be one of {list(ENTITY_TYPES)} and {list(RESOLUTIONS)}; delete the other rows and open it again"
+            ) from None
+        logger.info("Rebuilt the datapoints table of %s in the current form (no key index, ENUM columns)", self.path)
+
+    def _column_types(self, table: str, database: str) -> list[tuple[str, str]]:
+        """Return the names and types of a table's columns in order; ``database`` is an SQL expression."""
+        return self.connection.execute(
+            "select column_name, data_type from duckdb_columns() "
+            f"where database_name = {database} and table_name = ? order by column_index",
+            [table],
+        ).fetchall()
 
     def _upsert_files(self, statement: str, files: Sequence[Path], kind: str) -> int:
         paths = _resolved_paths(files)

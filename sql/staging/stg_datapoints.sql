@@ -26,8 +26,7 @@ renamed as (
         unit::varchar as unit,
 
         run_id::varchar as run_id,
-        fetched_at::timestamptz as fetched_at,
-        endpoint::varchar as endpoint
+        fetched_at::timestamptz as fetched_at
 
     from source
 
