@@ -12,6 +12,7 @@ import pytest
 from terralayr_etl.errors import MalformedResponseError
 from terralayr_etl.normalise import (
     BUCKET_SCHEMA,
+    ENCODED_LONG_SCHEMA,
     LONG_SCHEMA,
     normalise_datapoints,
     normalise_revenue_buckets,
@@ -53,7 +54,7 @@ def test_normalise_schema_and_constant_columns():
 
     page = _normalise(body)
 
-    assert page.table.schema == LONG_SCHEMA
+    assert page.table.schema == ENCODED_LONG_SCHEMA
     row = page.table.to_pylist()[0]
     assert row["entity_type"] == "virtual_asset"
     assert row["entity_id"] == "va-1"
@@ -100,7 +101,7 @@ def test_normalise_empty_data_gives_empty_table():
     page = _normalise(_body({}))
 
     assert page.table.num_rows == 0
-    assert page.table.schema == LONG_SCHEMA
+    assert page.table.schema == ENCODED_LONG_SCHEMA
     assert page.categories == ()
 
 

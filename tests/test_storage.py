@@ -17,12 +17,13 @@ import pytest
 
 from terralayr_etl import storage
 from terralayr_etl.errors import InvalidEntityIdError, TerralayrError
-from terralayr_etl.normalise import BUCKET_SCHEMA, LONG_SCHEMA
+from terralayr_etl.normalise import BUCKET_SCHEMA, ENCODED_LONG_SCHEMA, LONG_SCHEMA
 from terralayr_etl.storage import ParquetStore
 
 FETCHED_AT = datetime(2025, 11, 1, 3, 0, tzinfo=UTC)
 VA_ID = "38421b10-96fe-569f-8d56-bff0ee2dc95b"
 OTHER_VA_ID = "9e16f4da-6d4c-5454-a2d4-0e45c049d6f7"
+DAY = datetime(2025, 11, 3, 0, 0, tzinfo=UTC)
 
 
 def _datapoints(
@@ -342,3 +343,39 @@ def test_store_empty_table_writes_nothing(tmp_path: Path):
 
     assert written == []
     assert not os.path.exists(tmp_path / "parquet")
+
+
+def _encoded(table: pa.Table, category_dictionary: list[str], category_indices: list[int]) -> pa.Table:
+    """Return ``table`` with dictionary-encoded labels, as normalise_datapoints returns them."""
+    encoded = table.cast(ENCODED_LONG_SCHEMA)
+    category = pa.DictionaryArray.from_arrays(pa.array(category_indices, pa.int32()), pa.array(category_dictionary))
+    return encoded.set_column(encoded.schema.get_field_index("category"), "category", category)
+
+
+def test_store_writes_encoded_labels_as_strings(tmp_path: Path):
+    table = _encoded(_datapoints(DAY, 2, categories=("a", "b")), ["revenue_fcr", "revenue_wholesale"], [0, 0, 1, 1])
+
+    (path,) = ParquetStore(tmp_path).write_datapoints(table)
+
+    stored = pq.read_table(path)
+    assert stored.schema.field("category").type == pa.string()
+    assert stored.schema.field("entity_id").type == pa.string()
+    assert stored["category"].to_pylist() == ["revenue_fcr", "revenue_fcr", "revenue_wholesale", "revenue_wholesale"]
+
+
+def test_store_repeated_dictionary_value_deduplicates(tmp_path: Path):
+    # Two dictionary entries spell the same category, so its rows form two runs whose
+    # instants repeat: the later run must win, as for plain strings.
+    table = _encoded(
+        _datapoints(DAY, 2, categories=("a", "b", "c"), value_offset=0.0),
+        ["revenue_fcr", "revenue_wholesale", "revenue_fcr"],
+        [0, 0, 1, 1, 2, 2],
+    )
+    table = table.set_column(table.schema.get_field_index("value"), "value", pa.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+
+    (path,) = ParquetStore(tmp_path).write_datapoints(table)
+
+    stored = pq.read_table(path).sort_by([("category", "ascending"), ("period_start", "ascending")])
+    assert stored.num_rows == 4
+    assert stored["category"].to_pylist() == ["revenue_fcr", "revenue_fcr", "revenue_wholesale", "revenue_wholesale"]
+    assert stored["value"].to_pylist() == [5.0, 6.0, 3.0, 4.0]

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from terralayr_etl.categories import CATEGORY_NAMES
 from terralayr_etl.client import ApiClient, RawResponse
 from terralayr_etl.errors import MalformedResponseError
-from terralayr_etl.normalise import UTC_TIMESTAMP, normalise_datapoints, normalise_revenue_buckets
+from terralayr_etl.normalise import UTC_TIMESTAMP, decode_labels, normalise_datapoints, normalise_revenue_buckets
 from terralayr_etl.pipeline import FetchJob, WindowResult
 from terralayr_etl.quarantine import Quarantine
 from terralayr_etl.resources import CPU_SLOTS
@@ -121,7 +121,8 @@ def _fetch_and_write(
         return result
 
     inside, outside = _split_at_window(fetched.table, job)
-    result.outside_rows = outside if outside.num_rows else None
+    # Rows outside the window are rare, and boundaries.py joins them in polars on plain strings.
+    result.outside_rows = decode_labels(outside) if outside.num_rows else None
     if inside.num_rows:
         result.rows = inside.num_rows
         result.files = [str(path) for path in store.write_datapoints(inside)]

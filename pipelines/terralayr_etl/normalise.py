@@ -2,8 +2,8 @@
 
 A data-point body takes one of two paths. When msgspec finds the body valid and every point
 list is in the API's compact form, ``columnar.parse_point_lists`` turns the lists into Arrow
-columns with numpy and Arrow operations over whole lists, without a Python object per point. Any other
-body is decoded into typed Structs, which checks its shape point by point. Both paths give the
+columns with numpy and Arrow operations over whole lists, without a Python object per point.
+Any other body is decoded into typed Structs, which checks its shape point by point. Both paths give the
 same table for the same data. In both, timestamps go to UTC in an Arrow cast, which accepts
 ``Z`` and explicit offsets and rejects a timestamp without one. When something is wrong, the
 general path names the offending value in the error.
@@ -49,6 +49,17 @@ LONG_SCHEMA = pa.schema(
     ]
 )
 """One row per entity, resolution, category and delivery period (period_start in UTC)."""
+
+LABEL = pa.dictionary(pa.int32(), pa.string())
+ENCODED_LONG_SCHEMA = pa.schema(
+    [pa.field(field.name, LABEL) if pa.types.is_string(field.type) else field for field in LONG_SCHEMA]
+)
+"""LONG_SCHEMA with dictionary-encoded string columns, the form ``normalise_datapoints`` returns.
+
+A response repeats a handful of labels on every row. As dictionaries they are built from one
+index per row, and the Parquet writer takes the indices as they are instead of hashing every
+string again.
+"""
 
 BUCKET_SCHEMA = pa.schema(
     [
@@ -112,7 +123,7 @@ _BUCKETS_DECODER = msgspec.json.Decoder(list[_Bucket])
 
 @dataclass(frozen=True)
 class NormalisedPage:
-    """One data-point response as a table in LONG_SCHEMA, plus what the caller must report."""
+    """One data-point response as a table in ENCODED_LONG_SCHEMA, plus what the caller must report."""
 
     table: pa.Table
     categories: tuple[str, ...]
@@ -134,7 +145,7 @@ def normalise_datapoints(
     fetched_at: datetime,
     endpoint: str,
 ) -> NormalisedPage:
-    """Parse a data-point response into a LONG_SCHEMA table.
+    """Parse a data-point response into an ENCODED_LONG_SCHEMA table.
 
     A category absent from ``data`` yields no rows, and a null value stays null. Raises
     MalformedResponseError for invalid JSON, a wrong shape, a timestamp without a UTC
@@ -165,20 +176,21 @@ def _normalise_datapoints(
     period_start, value = decoded.columns.period_start, decoded.columns.value
     units = _units_by_category(decoded.meta_data, categories)
     row_count = len(value)
+    first = pa.array(np.zeros(row_count, np.int32))
     table = pa.Table.from_arrays(
         [
-            pa.repeat(pa.scalar(entity_type, pa.string()), row_count),
-            pa.repeat(pa.scalar(entity_id, pa.string()), row_count),
-            pa.repeat(pa.scalar(resolution, pa.string()), row_count),
+            _same_label(entity_type, first),
+            _same_label(entity_id, first),
+            _same_label(resolution, first),
             _repeat_each(categories, lengths),
             period_start,
             value,
             _repeat_each([units[name] for name in categories], lengths),
-            pa.repeat(pa.scalar(run_id, pa.string()), row_count),
+            _same_label(run_id, first),
             pa.repeat(pa.scalar(fetched_at, UTC_TIMESTAMP), row_count),
-            pa.repeat(pa.scalar(endpoint, pa.string()), row_count),
+            _same_label(endpoint, first),
         ],
-        schema=LONG_SCHEMA,
+        schema=ENCODED_LONG_SCHEMA,
     )
 
     table, duplicates = _drop_earlier_duplicates(table, ["category", "period_start"], "period_start", endpoint)
@@ -396,12 +408,26 @@ def _units_by_category(meta_data: list[_MetaData] | None, categories: tuple[str,
     return units
 
 
-def _repeat_each(labels: list[str | None] | tuple[str, ...], lengths: list[int]) -> pa.Array:
-    """Repeat each label by the matching length and concatenate the results."""
-    if not labels:
-        return pa.array([], pa.string())
-    indices = np.repeat(np.arange(len(labels), dtype=np.int32), np.asarray(lengths, dtype=np.int64))
-    return pc.take(pa.array(labels, pa.string()), pa.array(indices))
+def decode_labels(table: pa.Table) -> pa.Table:
+    """Return ``table`` with its dictionary-encoded columns turned into plain values, as polars joins need."""
+    fields = [
+        field.with_type(field.type.value_type) if pa.types.is_dictionary(field.type) else field for field in table.schema
+    ]
+    return table.cast(pa.schema(fields))
+
+
+def _same_label(label: str, first: pa.Array) -> pa.DictionaryArray:
+    """Return ``label`` on every row, as a dictionary whose indices (``first``) are all 0."""
+    return pa.DictionaryArray.from_arrays(first, pa.array([label], pa.string()))
+
+
+def _repeat_each(labels: list[str | None] | tuple[str, ...], lengths: list[int]) -> pa.DictionaryArray:
+    """Repeat each label by the matching length, as a dictionary of the distinct labels."""
+    distinct = list(dict.fromkeys(label for label in labels if label is not None))
+    position = {label: index for index, label in enumerate(distinct)}
+    per_label = np.array([-1 if label is None else position[label] for label in labels], np.int32)
+    indices = np.repeat(per_label, np.asarray(lengths, dtype=np.int64))
+    return pa.DictionaryArray.from_arrays(pa.array(indices, mask=indices < 0), pa.array(distinct, pa.string()))
 
 
 def _drop_earlier_duplicates(
@@ -446,10 +472,24 @@ def strictly_increasing_per_series(table: pa.Table, key: list[str], instant_colu
     rising = pc.greater(instants.slice(1), instants.slice(0, len(instants) - 1))
     series_columns = [name for name in key if name != instant_column]
     for name in series_columns:
-        column = table[name].combine_chunks()
+        column = comparable(table[name].combine_chunks())
         # A new series starts where the series column changes, and any order is fine there.
         rising = pc.or_(rising, pc.not_equal(column.slice(1), column.slice(0, len(column) - 1)))
     return bool(pc.all(pc.fill_null(rising, False)).as_py())
+
+
+def comparable(column: pa.Array) -> pa.Array:
+    """Return an array whose rows compare equal exactly where the column's values do.
+
+    That is the indices of a dictionary-encoded column whose dictionary has no repeated
+    value, which compare faster than the strings, and otherwise the plain values.
+    """
+    if not pa.types.is_dictionary(column.type):
+        return column
+    if pc.count_distinct(column.dictionary).as_py() == len(column.dictionary):
+        # A dictionary array keeps its nulls in its indices.
+        return column.indices
+    return column.dictionary_decode()
 
 
 def _check_currencies(currencies: pa.Array, starts: list[str], endpoint: str) -> None:

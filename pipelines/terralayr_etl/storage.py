@@ -39,7 +39,13 @@ from terralayr_etl.config import ENTITY_TYPES, RESOLUTIONS
 from terralayr_etl.resources import CPU_SLOTS
 from terralayr_etl.errors import InvalidEntityIdError, TerralayrError
 from terralayr_etl.ids import validate_entity_id
-from terralayr_etl.normalise import BUCKET_SCHEMA, LONG_SCHEMA, strictly_increasing_per_series
+from terralayr_etl.normalise import (
+    BUCKET_SCHEMA,
+    LONG_SCHEMA,
+    comparable,
+    decode_labels,
+    strictly_increasing_per_series,
+)
 from terralayr_etl.timeutil import LOCAL_TZ, file_block_start, local_day_of
 
 logger = logging.getLogger(__name__)
@@ -168,7 +174,7 @@ class ParquetStore:
                 self._merge_into(dataset, path, arrow.drop_columns(list(dataset.partition_columns)))
             return [path]
 
-        frame = pl.from_arrow(arrow)
+        frame = pl.from_arrow(decode_labels(arrow))
         frame = frame.join(_blocks_of(dataset, frame), on=_block_inputs(dataset), how="left", maintain_order="left")
 
         group_columns = [*dataset.partition_columns, _BLOCK, "entity_id"]
@@ -206,10 +212,10 @@ class ParquetStore:
             if not path.exists() and _keys_unique(new_rows, dataset):
                 # The common case of a backfill: a new file whose rows need no merge and no
                 # de-duplication, written in the order the API sent them.
-                _write_atomically(new_rows.select(dataset.file_schema.names).cast(dataset.file_schema), path, dataset.key)
+                _write_atomically(_conform(new_rows, dataset.file_schema), path, dataset.key)
                 logger.debug("Wrote %d rows to %s (new file)", new_rows.num_rows, path)
                 return
-            new_rows = pl.from_arrow(new_rows)
+            new_rows = pl.from_arrow(decode_labels(new_rows))
         key = list(dataset.key)
         new_rows = _sorted_last_per_key(new_rows, list(dataset.sort_key))
         merged = new_rows
@@ -236,13 +242,10 @@ def _single_file_values(dataset: _Dataset, table: pa.Table) -> dict[str, str] | 
     """
     values: dict[str, str] = {}
     for column in [*dataset.partition_columns, "entity_id"]:
-        array = table[column]
-        if array.null_count:
+        value = _only_value(table[column])
+        if value is None:
             return None
-        bounds = pc.min_max(array)
-        if bounds["min"] != bounds["max"]:
-            return None
-        values[column] = bounds["min"].as_py()
+        values[column] = value
 
     bounds = pc.min_max(table[dataset.instant_column])
     resolution = dataset.fixed_resolution or values["resolution"]
@@ -255,6 +258,23 @@ def _single_file_values(dataset: _Dataset, table: pa.Table) -> dict[str, str] | 
     values["month"] = first.strftime("%Y-%m")
     values["block"] = first.isoformat()
     return values
+
+
+def _only_value(column: pa.ChunkedArray) -> str | None:
+    """Return the value of a string column whose rows all share one value, else None.
+
+    A dictionary-encoded column is read through the indices its rows use, so that no string
+    is compared per row.
+    """
+    if column.null_count or len(column) == 0:
+        return None
+    if not pa.types.is_dictionary(column.type):
+        bounds = pc.min_max(column)
+        return bounds["min"].as_py() if bounds["min"] == bounds["max"] else None
+    values: set[str] = set()
+    for chunk in column.chunks:
+        values.update(chunk.dictionary.take(pc.unique(chunk.indices)).to_pylist())
+    return values.pop() if len(values) == 1 else None
 
 
 def _keys_unique(table: pa.Table, dataset: _Dataset) -> bool:
@@ -271,7 +291,7 @@ def _keys_unique(table: pa.Table, dataset: _Dataset) -> bool:
     for name in dataset.sort_key:
         if name == dataset.instant_column:
             continue
-        column = table[name].combine_chunks()
+        column = comparable(table[name].combine_chunks())
         if column.null_count:
             return False
         changes = pc.sum(pc.not_equal(column.slice(1), column.slice(0, len(column) - 1))).as_py()
@@ -324,12 +344,22 @@ def _sorted_last_per_key(rows: pl.DataFrame, sort_key: list[str]) -> pl.DataFram
 
 
 def _conform(table: pa.Table | pl.DataFrame, schema: pa.Schema) -> pa.Table:
-    """Return the table's columns in schema order, cast to the schema's types."""
+    """Return the table's columns in schema order, cast to the schema's types.
+
+    A dictionary-encoded string column stays encoded, so that the Parquet writer can use its
+    indices. The file contains plain strings either way.
+    """
     arrow = table.to_arrow() if isinstance(table, pl.DataFrame) else table
     missing = [name for name in schema.names if name not in arrow.column_names]
     if missing:
         raise ValueError(f"table lacks the columns {missing}; build it with terralayr_etl.normalise")
-    return arrow.select(schema.names).cast(schema)
+    fields = []
+    for field in schema:
+        stored = arrow.schema.field(field.name).type
+        if pa.types.is_string(field.type) and pa.types.is_dictionary(stored) and stored.value_type == field.type:
+            field = field.with_type(stored)
+        fields.append(field)
+    return arrow.select(schema.names).cast(pa.schema(fields))
 
 
 def _validate_partition_value(column: str, value: object) -> str:
@@ -350,7 +380,11 @@ def _write_atomically(table: pa.Table, path: Path, key: Sequence[str]) -> None:
     temp_path = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex}")
     try:
         with temp_path.open("wb") as handle:
-            pq.write_table(table, handle, compression=PARQUET_COMPRESSION, **_encodings(table.schema, key))
+            # Without the stored Arrow schema, every reader sees plain strings, whether or not
+            # the written table had dictionary-encoded columns.
+            pq.write_table(
+                table, handle, compression=PARQUET_COMPRESSION, store_schema=False, **_encodings(table.schema, key)
+            )
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_path, path)
@@ -376,7 +410,11 @@ def _encodings(schema: pa.Schema, key: Sequence[str]) -> dict[str, object]:
     columns only, which readers filter on: on every column they took about a fifth of the
     write's CPU time for W1's files.
     """
-    dictionary = [field.name for field in schema if pa.types.is_string(field.type) or field.name == "fetched_at"]
+    dictionary = [
+        field.name
+        for field in schema
+        if pa.types.is_string(field.type) or pa.types.is_dictionary(field.type) or field.name == "fetched_at"
+    ]
     delta = {
         field.name: "DELTA_BINARY_PACKED"
         for field in schema
