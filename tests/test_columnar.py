@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime
 
+import msgspec
 import pyarrow as pa
 import pytest
 
 from terralayr_etl.columnar import parse_point_lists
-from terralayr_etl.normalise import UTC_TIMESTAMP, normalise_datapoints
+from terralayr_etl.errors import MalformedResponseError
+from terralayr_etl.normalise import _RAW_DATAPOINTS_DECODER, UTC_TIMESTAMP, _decode_points, normalise_datapoints
 
 FETCHED_AT = datetime(2025, 11, 1, 3, 0, tzinfo=UTC)
 
@@ -136,3 +139,48 @@ def test_compact_and_indented_bodies_normalise_alike() -> None:
     assert compact.table["category"].to_pylist() == ["revenue_wholesale"] * 2 + ["revenue_fcr"] * 2
     assert compact.categories == indented.categories
     assert isinstance(compact.table["period_start"].type, pa.TimestampType)
+
+
+_MUTATION_BYTES = b'{}[],:"\\ 0123456789eE.+-nulZT'
+
+
+def _mutated_bodies(count: int) -> list[bytes]:
+    """Return compact bodies with one to three random byte edits, each still valid JSON."""
+    rng = random.Random(20241027)
+    base = _body(None)
+    bodies = []
+    while len(bodies) < count:
+        body = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            position = rng.randrange(len(body))
+            edit = rng.choice(("replace", "insert", "delete"))
+            if edit == "replace":
+                body[position] = rng.choice(_MUTATION_BYTES)
+            elif edit == "insert":
+                body.insert(position, rng.choice(_MUTATION_BYTES))
+            else:
+                del body[position]
+        try:
+            _RAW_DATAPOINTS_DECODER.decode(bytes(body))
+        except msgspec.DecodeError:
+            continue
+        bodies.append(bytes(body))
+    return bodies
+
+
+@pytest.mark.parametrize("body", _mutated_bodies(300))
+def test_parse_point_lists_mutated_bodies(body: bytes) -> None:
+    lists = list(_RAW_DATAPOINTS_DECODER.decode(body).data.values())
+    try:
+        expected = _decode_points(body, "/datapoints").columns
+    except MalformedResponseError:
+        expected = None
+
+    columns = parse_point_lists(lists, UTC_TIMESTAMP)
+
+    if expected is None:
+        assert columns is None
+    elif columns is not None:
+        assert columns.lengths == expected.lengths
+        assert columns.period_start.equals(expected.period_start)
+        assert columns.value.equals(expected.value)
