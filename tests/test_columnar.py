@@ -184,3 +184,33 @@ def test_parse_point_lists_mutated_bodies(body: bytes) -> None:
         assert columns.lengths == expected.lengths
         assert columns.period_start.equals(expected.period_start)
         assert columns.value.equals(expected.value)
+
+
+def test_parse_point_lists_reads_body_in_place() -> None:
+    points = [{"timestamp": "2024-10-26T22:00:00Z", "value": 1.5}, {"timestamp": "2024-10-26T23:00:00Z", "value": 2}]
+    # A brace in a category name lies between two lists and must not count as a point's end.
+    body = json.dumps({"data": {"a}": points, "b{}": points}, "metaData": None}, separators=(",", ":")).encode()
+    lists = list(_RAW_DATAPOINTS_DECODER.decode(body).data.values())
+
+    in_place = parse_point_lists(lists, UTC_TIMESTAMP, body=body)
+    copied = parse_point_lists([bytes(points) for points in lists], UTC_TIMESTAMP)
+
+    assert in_place is not None
+    assert copied is not None
+    assert in_place.lengths == [2, 2]
+    assert in_place.value.to_pylist() == [1.5, 2.0, 1.5, 2.0]
+    assert in_place.value.equals(copied.value)
+    assert in_place.period_start.equals(copied.period_start)
+
+
+def test_parse_point_lists_copies_lists_of_other_buffers() -> None:
+    body = _body(None)
+    lists = list(_RAW_DATAPOINTS_DECODER.decode(body).data.values())
+
+    other = bytes(bytearray(body))
+
+    columns = parse_point_lists(lists, UTC_TIMESTAMP, body=other)
+
+    assert other is not body
+    assert columns is not None
+    assert columns.value.to_pylist() == [12.25, None, 3.0, 4.75]

@@ -58,19 +58,27 @@ class PointColumns:
     """float64, null where the API sent null."""
 
 
-def parse_point_lists(point_lists: Sequence[bytes] | Sequence[msgspec.Raw], timestamp_type: pa.DataType) -> PointColumns | None:
+def parse_point_lists(
+    point_lists: Sequence[bytes] | Sequence[msgspec.Raw], timestamp_type: pa.DataType, *, body: bytes | None = None
+) -> PointColumns | None:
     """Parse compact JSON point lists, or return None when one of them needs the general path.
 
     ``point_lists`` are the raw JSON arrays of the series (bytes or ``msgspec.Raw``), each
     already checked to be valid JSON. None means only that the fast path does not apply: the
     caller must then parse the body in full, which also finds the problem if there is one.
+    When the lists are ``msgspec.Raw`` views into ``body``, the parser reads the body in place
+    instead of copying the lists.
     """
     if not point_lists:
         return PointColumns([], pa.array([], timestamp_type), pa.array([], pa.float64()))
-    data = b"".join([*point_lists, _PADDING])
+    sizes = np.fromiter(map(len, point_lists), np.int64, len(point_lists))
+    data, starts = _in_place(point_lists, sizes, body)
+    if data is None:
+        data = b"".join([*point_lists, _PADDING])
+        starts = np.cumsum(sizes) - sizes
     if len(data) > _MAX_BYTES:
         return None
-    layout = _Layout.find(data, np.fromiter(map(len, point_lists), np.int64, len(point_lists)))
+    layout = _Layout.find(data, starts, sizes)
     if layout is None:
         return None
     value = _values(data, layout)
@@ -80,6 +88,24 @@ def parse_point_lists(point_lists: Sequence[bytes] | Sequence[msgspec.Raw], time
     if period_start is None:
         return None
     return PointColumns(layout.lengths.tolist(), period_start, value)
+
+
+def _in_place(
+    point_lists: Sequence[bytes] | Sequence[msgspec.Raw], sizes: np.ndarray, body: bytes | None
+) -> tuple[bytes | None, np.ndarray]:
+    """Return ``body`` and each list's offset in it, or None when a list is not a view into it.
+
+    The last list must also end at least ``_PADDING`` bytes before the body does. That holds
+    for the API's responses, where metaData and nextCursor follow the data object, and
+    otherwise the lists are copied.
+    """
+    if body is None:
+        return None, sizes
+    base = np.frombuffer(body, np.uint8).ctypes.data
+    starts = np.array([np.frombuffer(points, np.uint8).ctypes.data - base for points in point_lists], np.int64)
+    if (starts < 0).any() or (starts + sizes + len(_PADDING) > len(body)).any():
+        return None, sizes
+    return body, starts
 
 
 def _unaligned(data: bytes, dtype: str) -> np.ndarray:
@@ -97,7 +123,7 @@ def _all_equal(words: np.ndarray, positions: np.ndarray, pattern: bytes) -> bool
 
 @dataclass(frozen=True)
 class _Layout:
-    """The offsets and sizes of each point's timestamp and value text in the joined lists."""
+    """The offsets and sizes of each point's timestamp and value text in the parsed buffer."""
 
     lengths: np.ndarray
     """Points per list."""
@@ -110,17 +136,23 @@ class _Layout:
     value_size: np.ndarray
 
     @classmethod
-    def find(cls, data: bytes, sizes: np.ndarray) -> _Layout | None:
-        """Locate the points of compact lists, or return None if a list is in another form."""
-        buf = np.frombuffer(data, np.uint8)[: len(data) - len(_PADDING)]
-        ends = np.cumsum(sizes)
-        starts = ends - sizes
-        if (sizes < _SHORTEST_LIST).any():
+    def find(cls, data: bytes, starts: np.ndarray, sizes: np.ndarray) -> _Layout | None:
+        """Locate the points of compact lists, or return None if a list is in another form.
+
+        ``starts`` and ``sizes`` give each list's bytes in ``data``, in rising order, and at
+        least ``_PADDING`` bytes of ``data`` follow the last list.
+        """
+        ends = starts + sizes
+        if (sizes < _SHORTEST_LIST).any() or (starts[1:] < ends[:-1]).any():
             return None
+        buf = np.frombuffer(data, np.uint8)[: int(ends[-1])]
         if not ((buf[starts] == ord("[")).all() and (buf[starts + 1] == ord("{")).all() and (buf[ends - 1] == ord("]")).all()):
             return None
 
-        close = np.flatnonzero(buf == ord("}"))
+        close = np.flatnonzero(buf[int(starts[0]) :] == ord("}")) + starts[0]
+        # Braces between the lists (in the category names) belong to no point.
+        owner = np.searchsorted(ends, close, side="right")
+        close = close[close >= starts[owner]]
         closes_before_end = np.searchsorted(close, ends)
         lengths = np.diff(closes_before_end, prepend=0)
         first = closes_before_end - lengths

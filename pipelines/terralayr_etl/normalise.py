@@ -221,7 +221,7 @@ def _decode_columnar(body: bytes) -> _DecodedPage | None:
         decoded = _RAW_DATAPOINTS_DECODER.decode(body)
     except msgspec.DecodeError:
         return None
-    columns = parse_point_lists(list(decoded.data.values()), UTC_TIMESTAMP)
+    columns = parse_point_lists(list(decoded.data.values()), UTC_TIMESTAMP, body=body)
     if columns is None:
         return None
     return _DecodedPage(tuple(decoded.data), columns, decoded.meta_data, decoded.next_cursor)
