@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from datetime import UTC, datetime
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from terralayr_etl.columnar import parse_point_lists
 from terralayr_etl.errors import MalformedResponseError
-from terralayr_etl.normalise import _RAW_DATAPOINTS_DECODER, UTC_TIMESTAMP, _decode_points, normalise_datapoints
+from terralayr_etl.normalise import (
+    _RAW_DATAPOINTS_DECODER,
+    UTC_TIMESTAMP,
+    _decode_columnar,
+    _decode_points,
+    normalise_datapoints,
+)
 
 FETCHED_AT = datetime(2025, 11, 1, 3, 0, tzinfo=UTC)
 
@@ -168,22 +176,32 @@ def _mutated_bodies(count: int) -> list[bytes]:
     return bodies
 
 
+def _same_values(first: pa.Array, second: pa.Array) -> bool:
+    """Return True when two float arrays are equal, down to the sign of each zero."""
+    signs = [np.signbit(array.fill_null(1.0).to_numpy()) for array in (first, second)]
+    return first.equals(second) and bool((signs[0] == signs[1]).all())
+
+
 @pytest.mark.parametrize("body", _mutated_bodies(300))
 def test_parse_point_lists_mutated_bodies(body: bytes) -> None:
-    lists = list(_RAW_DATAPOINTS_DECODER.decode(body).data.values())
     try:
         expected = _decode_points(body, "/datapoints").columns
     except MalformedResponseError:
         expected = None
 
-    columns = parse_point_lists(lists, UTC_TIMESTAMP)
+    fast = _decode_columnar(body)
 
     if expected is None:
-        assert columns is None
-    elif columns is not None:
-        assert columns.lengths == expected.lengths
-        assert columns.period_start.equals(expected.period_start)
-        assert columns.value.equals(expected.value)
+        assert fast is None
+    elif fast is not None:
+        lists = list(_RAW_DATAPOINTS_DECODER.decode(body).data.values())
+        copied = parse_point_lists([bytes(points) for points in lists], UTC_TIMESTAMP)
+        assert fast.columns.lengths == expected.lengths
+        assert fast.columns.period_start.equals(expected.period_start)
+        assert _same_values(fast.columns.value, expected.value)
+        assert copied is not None
+        assert _same_values(copied.value, fast.columns.value)
+        assert copied.period_start.equals(fast.columns.period_start)
 
 
 def test_parse_point_lists_reads_body_in_place() -> None:
@@ -212,5 +230,61 @@ def test_parse_point_lists_copies_lists_of_other_buffers() -> None:
     columns = parse_point_lists(lists, UTC_TIMESTAMP, body=other)
 
     assert other is not body
+    assert columns is not None
+    assert columns.value.to_pylist() == [12.25, None, 3.0, 4.75]
+
+
+_POINT = '{"timestamp":"2024-10-26T22:00:00Z","value":1}'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"data":{"a":[{"timestamp":"2024-10-26T22:00:00Z","value":true}],"a":[' + _POINT.encode() + b"]}}",
+        b'{"data":{"a":[1]},"data":{"a":[' + _POINT.encode() + b"]}}",
+        b'{"data":{"a":[' + _POINT.encode() + b']},"metaData":[{"dataPointName":"a","unit":1}]}',
+    ],
+    ids=["overwritten list", "overwritten data", "invalid metaData"],
+)
+def test_decode_columnar_rejects_hidden_members(body: bytes) -> None:
+    assert _decode_columnar(body) is None
+    with pytest.raises(MalformedResponseError):
+        _decode_points(body, "/datapoints")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"data":{"a":[{"timestamp":"2024-10-26T22:00:00+01:00","value":1},{"timestamp":"","value":2}]}}',
+        b'{"data":{"a":[{"timestamp":"2024-10-26T22:00:00.123456+01:00","value":1},'
+        b'{"timestamp":"2024-10-26","value":2}]}}',
+    ],
+    ids=["empty timestamp", "date only"],
+)
+def test_parse_point_lists_shorter_later_timestamp(body: bytes) -> None:
+    lists = list(_RAW_DATAPOINTS_DECODER.decode(body).data.values())
+
+    assert parse_point_lists(lists, UTC_TIMESTAMP, body=body) is None
+    assert parse_point_lists([bytes(points) for points in lists], UTC_TIMESTAMP) is None
+
+
+@pytest.mark.parametrize(("text", "sign"), [("-0", 1.0), ("-0.0", -1.0), ("-0e0", -1.0), ("0", 1.0)])
+def test_decode_columnar_zero_sign_matches_msgspec(text: str, sign: float) -> None:
+    body = ('{"data":{"a":[{"timestamp":"2024-10-26T22:00:00Z","value":' + text + "}]}}").encode()
+
+    fast = _decode_columnar(body)
+    general = _decode_points(body, "/datapoints")
+
+    assert fast is not None
+    assert math.copysign(1.0, fast.columns.value[0].as_py()) == sign
+    assert math.copysign(1.0, general.columns.value[0].as_py()) == sign
+
+
+def test_parse_point_lists_memoryview_body() -> None:
+    body = _body(None)
+    lists = list(_RAW_DATAPOINTS_DECODER.decode(body).data.values())
+
+    columns = parse_point_lists(lists, UTC_TIMESTAMP, body=memoryview(body))
+
     assert columns is not None
     assert columns.value.to_pylist() == [12.25, None, 3.0, 4.75]

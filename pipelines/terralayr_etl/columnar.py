@@ -17,6 +17,8 @@ The caller must have checked that each list is valid JSON, as msgspec does while
 the lists as ``msgspec.Raw``. On valid JSON, a list that passes every check below consists
 of compact point objects only: each brace found is followed by ``,{"timestamp":"`` or ends
 the list, and a value text that is a JSON string, object, array or boolean fails the cast.
+The caller must also make sure that no list was dropped: msgspec keeps only the last list of
+a repeated key, which ``normalise`` rules out by checking that the lists fill the body.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pyarrow.compute as pc
 _HEAD = b'{"timestamp":"'
 _MIDDLE = b'","value":'
 _NULL = np.frombuffer(b"null", "<u4")[0]
+_MINUS_ZERO = np.frombuffer(b"-0", "<u2")[0]
 _PADDING = bytes(16)
 """Appended to the joined lists, so that 8-byte reads near the end stay inside the buffer."""
 _SHORTEST_LIST = len(b"[") + len(_HEAD) + 8 + len(_MIDDLE) + len(b"0}]")
@@ -99,7 +102,7 @@ def _in_place(
     for the API's responses, where metaData and nextCursor follow the data object, and
     otherwise the lists are copied.
     """
-    if body is None:
+    if not isinstance(body, bytes):
         return None, sizes
     base = np.frombuffer(body, np.uint8).ctypes.data
     starts = np.array([np.frombuffer(points, np.uint8).ctypes.data - base for points in point_lists], np.int64)
@@ -176,7 +179,9 @@ class _Layout:
         if (timestamp_size < 8).any():
             return None
         value_at = timestamp_at + np.repeat(timestamp_size, lengths)
-        if not _all_equal(words, value_at, _MIDDLE):
+        # A later point with a shorter timestamp than the list's first would put the expected
+        # ","value": past its own closing brace, and near the end of the buffer past the end.
+        if (value_at + len(_MIDDLE) >= close).any() or not _all_equal(words, value_at, _MIDDLE):
             return None
         value_at += len(_MIDDLE)
         value_size = close - value_at
@@ -189,12 +194,15 @@ def _values(data: bytes, layout: _Layout) -> pa.Array | None:
     """Cast the value texts to float64, or return None for a text that is not a finite number."""
     at, size = layout.value_at, layout.value_size.astype(np.uint32)
     words = _unaligned(data, "<u4")
-    is_null = (size == 4) & (words[at] == _NULL)
+    first_bytes = words[at]
+    is_null = (size == 4) & (first_bytes == _NULL)
+    # msgspec reads the JSON integer -0 as the integer 0, so the general path stores 0.0.
+    is_integer_minus_zero = (size == 2) & ((first_bytes & 0xFFFF) == _MINUS_ZERO)
     # Arrow's string view: per string a length and either the string itself (up to 12 bytes)
     # or its first 4 bytes, a buffer index and an offset into that buffer.
     views = np.empty((len(at), 4), np.uint32)
     views[:, 0] = size
-    views[:, 1] = words[at]
+    views[:, 1] = first_bytes
     views[:, 2] = 0
     views[:, 3] = at
     inline = np.flatnonzero(size <= 12)
@@ -212,6 +220,8 @@ def _values(data: bytes, layout: _Layout) -> pa.Array | None:
     # Arrow also reads "nan", "inf" and numbers beyond float64's range; the general path names them.
     if not pc.all(pc.fill_null(pc.is_finite(value), True)).as_py():
         return None
+    if is_integer_minus_zero.any():
+        value = pc.if_else(pa.array(is_integer_minus_zero), pa.scalar(0.0), value)
     return value
 
 

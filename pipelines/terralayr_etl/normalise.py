@@ -15,6 +15,7 @@ import bisect
 import itertools
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -109,15 +110,20 @@ class _Bucket(msgspec.Struct, gc=False):
 
 
 class _RawDatapointsBody(msgspec.Struct):
-    """A data-point body whose point lists stay undecoded JSON, for ``columnar.parse_point_lists``."""
+    """A data-point body whose members stay undecoded JSON, for ``columnar.parse_point_lists``.
+
+    An empty Raw stands for a member the body does not have.
+    """
 
     data: dict[str, msgspec.Raw]
-    meta_data: list[_MetaData] | None = msgspec.field(default=None, name="metaData")
-    next_cursor: str | None = msgspec.field(default=None, name="nextCursor")
+    meta_data: msgspec.Raw = msgspec.field(default=msgspec.Raw(), name="metaData")
+    next_cursor: msgspec.Raw = msgspec.field(default=msgspec.Raw(), name="nextCursor")
 
 
 _DATAPOINTS_DECODER = msgspec.json.Decoder(_DatapointsBody)
 _RAW_DATAPOINTS_DECODER = msgspec.json.Decoder(_RawDatapointsBody)
+_META_DATA_DECODER = msgspec.json.Decoder(list[_MetaData] | None)
+_CURSOR_DECODER = msgspec.json.Decoder(str | None)
 _BUCKETS_DECODER = msgspec.json.Decoder(list[_Bucket])
 
 
@@ -219,12 +225,34 @@ def _decode_columnar(body: bytes) -> _DecodedPage | None:
     per point, or return None for any other body."""
     try:
         decoded = _RAW_DATAPOINTS_DECODER.decode(body)
+        meta_data = _META_DATA_DECODER.decode(decoded.meta_data) if decoded.meta_data else None
+        next_cursor = _CURSOR_DECODER.decode(decoded.next_cursor) if decoded.next_cursor else None
     except msgspec.DecodeError:
+        return None
+    if not _members_fill_body(body, decoded):
         return None
     columns = parse_point_lists(list(decoded.data.values()), UTC_TIMESTAMP, body=body)
     if columns is None:
         return None
-    return _DecodedPage(tuple(decoded.data), columns, decoded.meta_data, decoded.next_cursor)
+    return _DecodedPage(tuple(decoded.data), columns, meta_data, next_cursor)
+
+
+def _members_fill_body(body: bytes, decoded: _RawDatapointsBody) -> bool:
+    """Return True when the body is exactly its decoded members in compact JSON.
+
+    msgspec keeps only the last of two equal keys, so the Raw lists alone would hide a list
+    that a repeated key overwrote, which the general path checks and may reject. Any repeated
+    or unknown member, and any whitespace, makes the body longer than its members.
+    """
+    data_size = _object_size((key, len(points)) for key, points in decoded.data.items())
+    members = [("data", data_size), ("metaData", len(decoded.meta_data)), ("nextCursor", len(decoded.next_cursor))]
+    return len(body) == _object_size((key, size) for key, size in members if size)
+
+
+def _object_size(members: Iterable[tuple[str, int]]) -> int:
+    """Return the size of a compact JSON object whose values have the given sizes in bytes."""
+    sizes = [len(msgspec.json.encode(key)) + 1 + size for key, size in members]
+    return 2 + sum(sizes) + max(len(sizes) - 1, 0)
 
 
 def _decode_points(body: bytes, endpoint: str) -> _DecodedPage:
