@@ -37,8 +37,11 @@ _NULL = np.frombuffer(b"null", "<u4")[0]
 _MINUS_ZERO = np.frombuffer(b"-0", "<u2")[0]
 _PADDING = bytes(16)
 """Appended to the joined lists, so that 8-byte reads near the end stay inside the buffer."""
-_SHORTEST_LIST = len(b"[") + len(_HEAD) + 8 + len(_MIDDLE) + len(b"0}]")
-"""A list with one point, a timestamp of 8 bytes and a one-digit value; "[]" is shorter."""
+_MIN_LIST_SIZE = len(b"[") + len(_HEAD) + 8 + len(_MIDDLE) + len(b"0}]")
+"""Size of the shortest compact list with a point: an 8-byte timestamp and a one-digit value.
+
+An empty list, "[]", is shorter and goes to the general path.
+"""
 _MAX_BYTES = 2**31 - 1
 """Arrow's string views address their bytes with 32-bit offsets."""
 
@@ -146,7 +149,7 @@ class _Layout:
         least ``_PADDING`` bytes of ``data`` follow the last list.
         """
         ends = starts + sizes
-        if (sizes < _SHORTEST_LIST).any() or (starts[1:] < ends[:-1]).any():
+        if (sizes < _MIN_LIST_SIZE).any() or (starts[1:] < ends[:-1]).any():
             return None
         buf = np.frombuffer(data, np.uint8)[: int(ends[-1])]
         if not ((buf[starts] == ord("[")).all() and (buf[starts + 1] == ord("{")).all() and (buf[ends - 1] == ord("]")).all()):

@@ -226,7 +226,7 @@ class ParquetStore:
             replaced = stored.height - kept.height
             merged = pl.concat([kept, new_rows.select(kept.columns)]).sort(list(dataset.sort_key))
 
-        _write_atomically(merged.to_arrow().select(dataset.file_schema.names).cast(dataset.file_schema), path, dataset.key)
+        _write_atomically(_conform(merged, dataset.file_schema), path, dataset.key)
         logger.debug("Wrote %d rows to %s (%d new, %d replaced)", merged.height, path, new_rows.height - replaced, replaced)
 
 

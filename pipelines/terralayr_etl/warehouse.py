@@ -54,8 +54,9 @@ SCAN_MEMORY_LIMIT = "64MB"
 INSERT_MEMORY_LIMIT = "64MB"
 """DuckDB's memory limit while inserting Parquet rows. The insert streams, and DuckDB fills
 its buffers up to the limit. In W1 (13.5M rows) the load took 3.3 s at 64 MB for the insert
-and 128 MB for the join, against 3.1 s at 128 and 192 MB, and peaked about 55 MB lower; in
-W3's 360 days the peak fell from 502 to 445 MB at the same load time (DuckDB 2.0.1)."""
+and 128 MB for the join, against 3.1 s at 128 and 192 MB, and the load stage peaked about
+55 MB lower. In W3's 360 days the peak fell from 502 to 445 MB at the same load time
+(DuckDB 2.0.1)."""
 
 DELETE_CHUNK_ROWS = 2_000_000
 """Row ids covered by one delete statement when a load replaces stored rows."""
