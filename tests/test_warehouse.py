@@ -176,12 +176,15 @@ def test_warehouse_upgrades_older_datapoints_table(tmp_path: Path):
         loaded = warehouse.load_datapoints(files)
         after = warehouse.connection.execute("select count(*), sum(value) from datapoints").fetchone()
 
+        labels = _label_types(warehouse)
+
     assert keys == (0,)
     assert "endpoint" not in dict(columns)
     assert dict(columns)["resolution"].startswith("ENUM(")
     assert before == (8, 12.0)
     assert loaded == 8
     assert after == (8, 12.0)
+    assert labels == {"entity_id": f"ENUM('{VA_ID}')", "category": "ENUM('revenue_fcr', 'revenue_wholesale')", "unit": "ENUM('EUR')"}
 
 
 def test_warehouse_upgrade_names_invalid_rows(tmp_path: Path):
@@ -200,6 +203,56 @@ def test_warehouse_upgrade_names_invalid_rows(tmp_path: Path):
     assert unchanged.execute("select count(*) from datapoints").fetchone() == (8,)
     assert "endpoint" in [row[0] for row in unchanged.execute("describe datapoints").fetchall()]
     unchanged.close()
+
+
+def _label_types(warehouse: Warehouse) -> dict[str, str]:
+    rows = warehouse.connection.execute(
+        "select column_name, data_type from duckdb_columns() where table_name = 'datapoints' "
+        "and column_name in ('entity_id', 'category', 'unit')"
+    ).fetchall()
+    return dict(rows)
+
+
+EARLIER_ID = "0" + VA_ID[1:]
+"""An entity id that sorts before VA_ID."""
+
+
+def test_label_enums_grow_sorted(tmp_path: Path, warehouse: Warehouse):
+    store = ParquetStore(tmp_path)
+    warehouse.load_datapoints(store.write_datapoints(_datapoints(4, entity_id=VA_ID)))
+    first_types = _label_types(warehouse)
+    quoted = _datapoints(2, entity_id=EARLIER_ID)
+    quoted = quoted.set_column(
+        quoted.schema.get_field_index("category"), "category", pa.array(["o'clock_category"] * quoted.num_rows)
+    )
+    warehouse.load_datapoints(store.write_datapoints(quoted))
+
+    entities = warehouse.connection.execute("select distinct entity_id from datapoints order by entity_id").fetchall()
+    categories = warehouse.connection.execute("select enum_range(max(category)) from datapoints where false").fetchone()
+
+    assert first_types == {
+        "entity_id": f"ENUM('{VA_ID}')",
+        "category": "ENUM('revenue_fcr', 'revenue_wholesale')",
+        "unit": "ENUM('EUR')",
+    }
+    assert categories == (["o'clock_category", "revenue_fcr", "revenue_wholesale"],)
+    assert entities == [(EARLIER_ID,), (VA_ID,)]
+    assert _label_types(warehouse)["entity_id"] == f"ENUM('{EARLIER_ID}', '{VA_ID}')"
+    assert warehouse.connection.execute("select count(*) from datapoints where category = 'revenue_fcr'").fetchone() == (4,)
+    assert warehouse.connection.execute("select count(*) from datapoints where category = 'no_such'").fetchone() == (0,)
+
+
+def test_failed_load_keeps_label_types(tmp_path: Path, warehouse: Warehouse):
+    store = ParquetStore(tmp_path)
+    warehouse.load_datapoints(store.write_datapoints(_datapoints(4)))
+    before = _label_types(warehouse)
+    new_files = ParquetStore(tmp_path / "other").write_datapoints(_datapoints(4, entity_id=PORTFOLIO_ID))
+
+    with pytest.raises(duckdb.IOException):
+        warehouse.load_datapoints([*new_files, tmp_path / "zz-missing.parquet"])
+
+    assert _label_types(warehouse) == before
+    assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (8,)
 
 
 def test_warehouse_load_takes_partition_columns(tmp_path: Path, warehouse: Warehouse):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from terralayr_etl.config import ENTITY_TYPES, RESOLUTIONS
 
 
-def _enum(values: tuple[str, ...]) -> str:
-    return "enum(" + ", ".join(f"'{value}'" for value in values) + ")"
+def enum_type(values: Sequence[str]) -> str:
+    """Return the SQL of an ENUM type with ``values``, in the order given."""
+    if not values:
+        raise ValueError("an ENUM type needs at least one value")
+    return "enum(" + ", ".join("'" + value.replace("'", "''") + "'" for value in values) + ")"
 
 
 # datapoints has no PRIMARY KEY: DuckDB keeps a key's ART index in memory, which for tens of
@@ -15,11 +20,12 @@ def _enum(values: tuple[str, ...]) -> str:
 # Each string column costs the insert about as much CPU time as the numeric columns together
 # (measured on 13.5M rows). So entity_type and resolution, whose values the pipeline
 # validates, are ENUMs, and the request path stays in the Parquet files, as it follows from
-# the entity and api.paths.
+# the entity and api.paths. entity_id, category and unit (LABEL_COLUMNS) start as VARCHAR and
+# become ENUMs at the first load, whose values grow with the data (Warehouse._widen_labels).
 DATAPOINTS_COLUMNS_SQL = f"""(
-    entity_type {_enum(ENTITY_TYPES)} not null,
+    entity_type {enum_type(ENTITY_TYPES)} not null,
     entity_id varchar not null,
-    resolution {_enum(RESOLUTIONS)} not null,
+    resolution {enum_type(RESOLUTIONS)} not null,
     category varchar not null,
     period_start timestamptz not null,
     value double,
@@ -31,6 +37,9 @@ DATAPOINTS_COLUMNS_SQL = f"""(
 DATAPOINTS_COLUMNS = (
     "entity_type", "entity_id", "resolution", "category", "period_start", "value", "unit", "run_id", "fetched_at",
 )  # fmt: skip
+
+LABEL_COLUMNS = ("entity_id", "category", "unit")
+"""datapoints columns stored as ENUMs that list every value loaded so far, in sorted order."""
 
 SCHEMA_SQL = f"""
 create table if not exists datapoints {DATAPOINTS_COLUMNS_SQL};
@@ -120,6 +129,11 @@ semi join (
     and datapoints.category = incoming.category
     and datapoints.resolution = incoming.resolution
     and datapoints.entity_type = incoming.entity_type
+"""
+
+INCOMING_LABELS = f"""
+select {", ".join(f"list(distinct {column}) filter (where {column} is not null)" for column in LABEL_COLUMNS)}
+from {_READ_DATAPOINT_FILES}
 """
 
 DELETE_REPLACED_CHUNK = """
