@@ -5,16 +5,14 @@ Decoding, normalising and writing a window is CPU work that holds tens of MB whi
 and more of those running at once than there are CPUs adds memory without adding speed, so
 ``CPU_SLOTS`` bounds them.
 
-Importing this module also sets two allocators, because with eight threads their per-thread
-caches kept about 200 MB that the pipeline no longer used (measured by replaying the 726
-responses of the W1 benchmark, see docs/benchmarks.md): Arrow buffers come from the system
-allocator instead of jemalloc, and glibc keeps at most two malloc arenas.
+Importing this module also makes the system allocator pyarrow's pool for buffers that Python
+code creates, because with eight threads the per-thread caches of the allocators kept about
+200 MB that the pipeline no longer used (measured by replaying the 726 responses of the W1
+benchmark, see docs/benchmarks.md). ``allocators.py`` sets the rest at package import.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import threading
@@ -59,23 +57,9 @@ CPU_SLOTS = ReentrantSlots(max(2, os.cpu_count() or 2))
 """Held from the moment a window's responses are in until its rows are written to Parquet,
 so that threads waiting for a slot hold only response bodies, not normalised tables."""
 
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8
-"""glibc's mallopt parameter number for the arena limit (malloc.h)."""
 
-
-def _limit_allocators() -> None:
+def _use_system_allocator() -> None:
     pa.set_memory_pool(pa.system_memory_pool())
-    library = ctypes.util.find_library("c")
-    if library is None:
-        return
-    try:
-        mallopt = ctypes.CDLL(library).mallopt
-    except (OSError, AttributeError):
-        # Not glibc (musl, macOS): those allocators have no arena limit to set.
-        logger.debug("No mallopt in %s; the malloc arena limit is not set", library)
-        return
-    mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
 
-_limit_allocators()
+_use_system_allocator()
