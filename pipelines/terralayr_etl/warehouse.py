@@ -54,12 +54,11 @@ operators cannot spill and fail at a low limit."""
 SCAN_MEMORY_LIMIT = "64MB"
 """DuckDB's memory limit while scanning the data points for the latest period of each series."""
 
-INSERT_MEMORY_LIMIT = "64MB"
+INSERT_MEMORY_LIMIT = "32MB"
 """DuckDB's memory limit while inserting Parquet rows. The insert streams, and DuckDB fills
-its buffers up to the limit. In W1 (13.5M rows) the load took 3.3 s at 64 MB for the insert
-and 128 MB for the join, against 3.1 s at 128 and 192 MB, and the load stage peaked about
-55 MB lower. In W3's 360 days the peak fell from 502 to 445 MB at the same load time
-(DuckDB 2.0.1)."""
+its buffers up to the limit. Loading W3's 360 days (54M rows) alone peaked 33 MB lower at 32
+MB than at 64 MB in the same time; at 16 MB it took 30% more CPU time. In W1 (13.5M rows) the
+load took 2.6 s at both 32 and 64 MB (DuckDB 2.0.1)."""
 
 DELETE_CHUNK_ROWS = 2_000_000
 """Row ids covered by one delete statement when a load replaces stored rows."""
