@@ -73,6 +73,23 @@ def test_parse_point_lists_shared_timestamps() -> None:
     assert columns.value.to_pylist() == [1, 1, 2, 2, 3, 3, 4]
 
 
+@pytest.mark.parametrize("third", [["22:00", "23:00"], ["22:00", "23:15"]], ids=["all equal", "one differs"])
+def test_parse_equal_length_lists(third: list[str]) -> None:
+    texts = [["22:00", "23:00"], ["22:00", "23:00"], third]
+    lists = [
+        _compact([{"timestamp": f"2024-10-26T{time}:00Z", "value": number} for time in times])
+        for number, times in enumerate(texts)
+    ]
+
+    columns = parse_point_lists(lists, UTC_TIMESTAMP)
+
+    assert columns is not None
+    assert [instant.strftime("%H:%M") for instant in columns.period_start.to_pylist()] == [
+        time for times in texts for time in times
+    ]
+    assert columns.lengths == [2, 2, 2]
+
+
 def test_parse_point_lists_accepts_no_lists() -> None:
     columns = parse_point_lists([], UTC_TIMESTAMP)
 

@@ -273,7 +273,11 @@ def _only_value(column: pa.ChunkedArray) -> str | None:
         return bounds["min"].as_py() if bounds["min"] == bounds["max"] else None
     values: set[str] = set()
     for chunk in column.chunks:
-        values.update(chunk.dictionary.take(pc.unique(chunk.indices)).to_pylist())
+        if len(chunk.dictionary) == 1:
+            # normalise builds a label that is equal on every row with a one-entry dictionary.
+            values.add(chunk.dictionary[0].as_py())
+        else:
+            values.update(chunk.dictionary.take(pc.unique(chunk.indices)).to_pylist())
     return values.pop() if len(values) == 1 else None
 
 
@@ -350,7 +354,8 @@ def _conform(table: pa.Table | pl.DataFrame, schema: pa.Schema) -> pa.Table:
     indices. The file contains plain strings either way.
     """
     arrow = table.to_arrow() if isinstance(table, pl.DataFrame) else table
-    missing = [name for name in schema.names if name not in arrow.column_names]
+    present = set(arrow.column_names)
+    missing = [name for name in schema.names if name not in present]
     if missing:
         raise ValueError(f"table lacks the columns {missing}; build it with terralayr_etl.normalise")
     fields = []
@@ -359,7 +364,11 @@ def _conform(table: pa.Table | pl.DataFrame, schema: pa.Schema) -> pa.Table:
         if pa.types.is_string(field.type) and pa.types.is_dictionary(stored) and stored.value_type == field.type:
             field = field.with_type(stored)
         fields.append(field)
-    return arrow.select(schema.names).cast(pa.schema(fields))
+    target = pa.schema(fields)
+    if arrow.schema.equals(target):
+        # The usual case for a table from normalise, which select and cast would only rebuild.
+        return arrow
+    return arrow.select(schema.names).cast(target)
 
 
 def _validate_partition_value(column: str, value: object) -> str:
