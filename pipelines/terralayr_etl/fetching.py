@@ -126,7 +126,9 @@ def _fetch_and_write(
     if inside.num_rows:
         result.rows = inside.num_rows
         result.files = [str(path) for path in store.write_datapoints(inside)]
-    logger.info("Fetched %s: %d pages, %d rows", job.describe(), result.pages, result.rows)
+    if logger.isEnabledFor(logging.INFO):
+        # describe() formats two instants, so skip it when the line is not logged.
+        logger.info("Fetched %s: %d pages, %d rows", job.describe(), result.pages, result.rows)
     return result
 
 
