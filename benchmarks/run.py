@@ -35,6 +35,9 @@ WORKLOADS = ("W1", "W2", "W3", "W4")
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "latest.json"
 
 W2_TARGET_VALUES_PER_S = 2_000_000
+W2_REPLAYS = 3
+"""W2 replays the recording this many times and reports the median run, because the speed of
+this machine varied by about 10% from one minute to the next."""
 W1_TARGET_FACTOR = 1.5
 W3_TARGET_PEAK_MB = 400.0
 W3_TARGET_GROWTH = 0.15
@@ -69,7 +72,10 @@ QUICK = Plan(
 
 
 def run_w2(session: Session, spec: BackfillSpec) -> dict[str, Any]:
-    """Record the responses of ``spec`` once (no latency), then replay them from disk."""
+    """Record the responses of ``spec`` once (no latency), then replay them from disk.
+
+    Reports the replay with the median values per second of W2_REPLAYS, and all of them.
+    """
     organisation = session.organisation(spec.virtual_assets)
     recording = session.work_dir / "recording"
     shutil.rmtree(recording, ignore_errors=True)
@@ -83,13 +89,17 @@ def run_w2(session: Session, spec: BackfillSpec) -> dict[str, Any]:
         recorded = record(settings, credentials, spec.start, spec.end, recording)
 
     replay_dir = session.work_dir / "data" / "w2"
-    shutil.rmtree(replay_dir, ignore_errors=True)
     load_average_before = os.getloadavg()[0]
-    result = replay(recording, replay_dir)
+    replays = []
+    for _ in range(W2_REPLAYS):
+        shutil.rmtree(replay_dir, ignore_errors=True)
+        replays.append(replay(recording, replay_dir))
+    result = sorted(replays, key=lambda measured: measured["values_per_s"])[len(replays) // 2]
     decoded = decode_only(recording)
     return {
         **{key: round(value, 2) if isinstance(value, float) else value for key, value in result.items()},
         "values_per_s": round(result["values_per_s"]),
+        "replays_values_per_s": [round(measured["values_per_s"]) for measured in replays],
         "recorded": recorded,
         "decode_normalise_values_per_s_one_thread": round(decoded["values_per_s"]),
         "load_average_before": round(load_average_before, 2),

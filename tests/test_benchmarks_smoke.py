@@ -94,6 +94,8 @@ def test_benchmarks_quick_run_writes_every_result(tmp_path: Path):
     assert results["W1"]["requests"] > 0
     assert results["W1"]["check_failures"] == 0
     assert results["W2"]["values_per_s"] > 0
+    assert len(results["W2"]["replays_values_per_s"]) == 3
+    assert results["W2"]["values_per_s"] == sorted(results["W2"]["replays_values_per_s"])[1]
     # The replay loads the recorded responses of the W1 range, so it must land the same rows.
     assert results["W2"]["values"] == results["W1"]["values"]
     assert results["W3"]["rss_30d_mb"] > 0
