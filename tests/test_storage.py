@@ -76,6 +76,23 @@ def test_store_layout_uses_berlin_month(tmp_path: Path):
     assert sorted(str(path.relative_to(tmp_path)) for path in written) == expected
 
 
+def test_store_splits_window_at_month_end(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    # 22:00Z to 23:45Z on 31 October: 23:00 and 23:45 Berlin time fall on 31 October, the
+    # last four quarter-hours (from 23:00Z) on 1 November.
+    categories = ("revenue_wholesale", "revenue_fcr")
+    table = _datapoints(datetime(2025, 10, 31, 22, 0, tzinfo=UTC), 8, categories=categories)
+
+    october, november = sorted(store.write_datapoints(table))
+    october_rows = pq.read_table(october).to_pylist()
+    november_rows = pq.read_table(november).to_pylist()
+
+    assert [row["category"] for row in october_rows] == ["revenue_wholesale"] * 4 + ["revenue_fcr"] * 4
+    assert [row["value"] for row in october_rows] == [0.0, 1.0, 2.0, 3.0] * 2
+    assert [row["value"] for row in november_rows] == [4.0, 5.0, 6.0, 7.0] * 2
+    assert all(row["period_start"] >= datetime(2025, 10, 31, 23, 0, tzinfo=UTC) for row in november_rows)
+
+
 def test_store_files_omit_partition_columns(tmp_path: Path):
     store = ParquetStore(tmp_path)
 
