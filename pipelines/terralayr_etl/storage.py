@@ -28,7 +28,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,14 @@ from terralayr_etl.normalise import (
     decode_labels,
     strictly_increasing_per_series,
 )
-from terralayr_etl.timeutil import LOCAL_TZ, day_range, file_block_start, local_day_of, local_midnight
+from terralayr_etl.timeutil import (
+    LOCAL_TZ,
+    day_range,
+    epoch_microseconds,
+    file_block_start,
+    local_day_of,
+    local_midnight,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +195,7 @@ class ParquetStore:
         for group_key, rows in frame.partition_by(group_columns, as_dict=True, maintain_order=True).items():
             values = dict(zip(group_columns, group_key, strict=True))
             block = values.pop(_BLOCK)
-            # A block never crosses a month end, so its first day names the month folder.
-            values["month"] = block.strftime("%Y-%m")
-            values["block"] = block.isoformat()
-            path = self._file_path(dataset, values)
+            path = self._file_path(dataset, _file_values(values, block))
             with _lock_for(path):
                 self._merge_into(dataset, path, rows.drop([*dataset.partition_columns, _BLOCK]))
             written.append(path)
@@ -265,7 +269,7 @@ def _parts_by_block(dataset: _Dataset, table: pa.Table) -> list[tuple[dict[str, 
     if len(blocks) == 1:
         return [(_file_values(values, blocks[0]), table)]
 
-    edges = np.array([_epoch_us(local_midnight(block, LOCAL_TZ)) for block in blocks[1:]], np.int64)
+    edges = np.array([epoch_microseconds(local_midnight(block, LOCAL_TZ)) for block in blocks[1:]], np.int64)
     instants = table[dataset.instant_column].combine_chunks().cast(pa.int64()).to_numpy()
     block_of_row = np.searchsorted(edges, instants, side="right")
     ordered = table.take(pa.array(np.argsort(block_of_row, kind="stable")))
@@ -282,10 +286,6 @@ def _file_values(values: dict[str, str], block: date) -> dict[str, str]:
     """Add the month folder and the block of a file to its partition values and entity id."""
     # A block never crosses a month end, so its first day names the month folder.
     return {**values, "month": block.strftime("%Y-%m"), "block": block.isoformat()}
-
-
-def _epoch_us(instant: datetime) -> int:
-    return (instant - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 def _only_value(column: pa.ChunkedArray) -> str | None:

@@ -77,6 +77,11 @@ def parse_day(text: str, *, option: str = "date") -> date:
         raise ConfigError(f"invalid {option} {text!r}; use the form YYYY-MM-DD, for example 2024-10-20") from None
 
 
+def epoch_microseconds(instant: datetime) -> int:
+    """Return a timezone-aware instant as microseconds since 1970-01-01 UTC, as Arrow stores it."""
+    return (instant - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
 def isoformat_z(instant: datetime) -> str:
     """Format a UTC instant as RFC 3339 with a ``Z`` suffix, as the API does."""
     return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

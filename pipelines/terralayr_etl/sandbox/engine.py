@@ -32,7 +32,7 @@ from terralayr_etl.sandbox.asset_days import AssetDay, generate_asset_days
 from terralayr_etl.sandbox.frames import PERIOD_START, empty_frame, quarter_hour_frame
 from terralayr_etl.sandbox.market import Market, MarketDay
 from terralayr_etl.sandbox.organisation import Organisation, VirtualAssetSpec
-from terralayr_etl.timeutil import day_range, local_day_of, local_midnight
+from terralayr_etl.timeutil import day_range, epoch_microseconds, local_day_of, local_midnight
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,6 @@ def _as_utc(instant: datetime, name: str) -> datetime:
     if instant.tzinfo is None:
         raise ValueError(f"{name} {instant.isoformat()} has no time zone; pass a timezone-aware datetime")
     return instant.astimezone(UTC)
-
-
-def _epoch_us(instant: datetime) -> int:
-    return (instant - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 class Engine:
@@ -137,8 +133,8 @@ class Engine:
         result = roll_up(quarter_hours, resolution)
         period_us = pl.col(PERIOD_START).dt.epoch("us")
         return result.filter(
-            period_us >= _epoch_us(start_utc),
-            period_us < _epoch_us(end_utc),
+            period_us >= epoch_microseconds(start_utc),
+            period_us < epoch_microseconds(end_utc),
         ).select(PERIOD_START, *CATEGORY_NAMES)
 
     def revenue_buckets(self, virtual_asset_id: str, product: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
