@@ -78,8 +78,8 @@ def test_store_layout_uses_berlin_month(tmp_path: Path):
 
 def test_store_splits_window_at_month_end(tmp_path: Path):
     store = ParquetStore(tmp_path)
-    # 22:00Z to 23:45Z on 31 October: 23:00 and 23:45 Berlin time fall on 31 October, the
-    # last four quarter-hours (from 23:00Z) on 1 November.
+    # Eight quarter-hours from 22:00Z on 31 October: the first four are 23:00 to 23:45 in
+    # Berlin on 31 October, the last four (from 23:00Z) fall on 1 November.
     categories = ("revenue_wholesale", "revenue_fcr")
     table = _datapoints(datetime(2025, 10, 31, 22, 0, tzinfo=UTC), 8, categories=categories)
 
