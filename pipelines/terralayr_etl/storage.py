@@ -245,12 +245,12 @@ _BLOCK = "_block"
 
 
 def _parts_by_block(dataset: _Dataset, table: pa.Table) -> list[tuple[dict[str, str], pa.Table]] | None:
-    """Split ``table`` into the rows of each file, or return None unless it has one entity.
+    """Split ``table`` into the rows of each file, or return None if it cannot be split here.
 
-    That needs one value in each partition column and in entity_id. The rows of each block
-    keep their order, and a table within one block is returned as it is. A block is a
-    contiguous time span, so each row's block follows from the local midnights where blocks
-    start, compared with its instant.
+    The split needs one value in each partition column and in entity_id, and a known
+    resolution. The rows of each block keep their order, and a table within one block is
+    returned as it is. A block is a contiguous time span, so each row's block follows from
+    the local midnights where blocks start, compared with its instant.
     """
     values: dict[str, str] = {}
     for column in [*dataset.partition_columns, "entity_id"]:
