@@ -131,6 +131,50 @@ def test_warehouse_load_replaces_only_incoming_keys(tmp_path: Path, warehouse: W
     assert [value for _, value in rows[3:]] == [3.0, 4.0, 5.0, 6.0, 7.0]
 
 
+def _many_datapoints(entities: int, categories: int, periods: int, value: float) -> pa.Table:
+    """One 15-minute series per entity and category, built column-wise because it is large."""
+    count = entities * categories * periods
+    starts = pa.array([DAY + timedelta(minutes=15 * index) for index in range(periods)], pa.timestamp("us", "UTC"))
+    columns = {
+        "entity_type": pa.array(["virtual_asset"] * count),
+        "entity_id": pa.array(
+            [f"{index:08d}-96fe-569f-8d56-bff0ee2dc95b" for index in range(entities) for _ in range(categories * periods)]
+        ),
+        "resolution": pa.array(["15min"] * count),
+        "category": pa.array(
+            [
+                f"revenue_afrr_energy_per_mw_per_year_{index:02d}"
+                for _ in range(entities)
+                for index in range(categories)
+                for _ in range(periods)
+            ]
+        ),
+        "period_start": pa.concat_arrays([starts] * (entities * categories)),
+        "value": pa.array([value] * count, pa.float64()),
+        "unit": pa.array(["EUR"] * count),
+        "run_id": pa.array([f"run-{value:g}"] * count),
+        "fetched_at": pa.array([FETCHED_AT] * count, pa.timestamp("us", "UTC")),
+        "endpoint": pa.array(["/datapoints"] * count),
+    }
+    return pa.table(columns).cast(LONG_SCHEMA)
+
+
+@pytest.mark.parametrize("rows_per_batch", [warehouse_module.ROWS_PER_REPLACING_BATCH, 10_000])
+def test_warehouse_reload_fits_small_memory_limit(tmp_path: Path, warehouse: Warehouse, monkeypatch, rows_per_batch):
+    # Joining the stored keys to the files' keys as text cast every stored ENUM label to
+    # VARCHAR, and re-loading these 238,080 rows failed at 32 MB with an out-of-memory error.
+    # With 10,000 rows per batch, the re-load runs in 20 batches.
+    monkeypatch.setattr(warehouse_module, "LOAD_MEMORY_LIMIT", "32MB")
+    monkeypatch.setattr(warehouse_module, "ROWS_PER_REPLACING_BATCH", rows_per_batch)
+    store = ParquetStore(tmp_path)
+    warehouse.load_datapoints(store.write_datapoints(_many_datapoints(4, 20, 2976, value=1.0)))
+
+    reloaded = warehouse.load_datapoints(store.write_datapoints(_many_datapoints(4, 20, 2976, value=2.0)))
+
+    assert reloaded == 238_080
+    assert warehouse.connection.execute("select count(*), min(value), max(value) from datapoints").fetchone() == (238_080, 2.0, 2.0)
+
+
 def test_warehouse_datapoints_have_no_index(warehouse: Warehouse):
     indexed = warehouse.connection.execute(
         "select count(*) from duckdb_constraints() where table_name = 'datapoints' "

@@ -29,25 +29,33 @@ from terralayr_etl.warehouse_sql import (
     DATAPOINTS_COLUMNS,
     DATAPOINTS_COLUMNS_SQL,
     DELETE_REPLACED_CHUNK,
-    FIND_REPLACED_DATAPOINTS,
     INCOMING_LABELS,
     INSERT_DATAPOINTS,
+    KEY_COLUMNS,
     LABEL_COLUMNS,
     SCHEMA_SQL,
     UPSERT_REVENUE_BUCKETS,
     enum_type,
+    find_replaced_datapoints,
 )
 
 logger = logging.getLogger(__name__)
 
 FILES_PER_STATEMENT = 10_000
-"""Parquet files read by one load statement. A later batch of a load joins against the rows
-of the earlier ones, so fewer, larger batches are faster. Without an index the insert
+"""Parquet files read by one load statement into an empty table. Without an index the insert
 streams, so a larger batch does not raise memory use."""
 
+ROWS_PER_REPLACING_BATCH = 8_000_000
+"""Parquet rows read by one batch of a load into a table that already contains rows. Finding
+the stored rows a batch replaces builds a hash table of the batch's keys, which spills to disk
+only in part. Re-loading W3's 54M rows in one batch failed at LOAD_MEMORY_LIMIT, and in
+batches of this size it took 27 s and peaked at 316 MB. Batches follow the files' month
+partitions, so each one covers a narrow range of periods."""
+
 LOAD_MEMORY_LIMIT = "128MB"
-"""DuckDB's memory limit while finding the stored rows a load replaces. The join spills to
-``<warehouse>.tmp/``, so a load's memory stays flat as the warehouse grows. Other statements,
+"""DuckDB's memory limit while finding the stored rows a load replaces, and while inserting
+after such deletes. The join spills to ``<warehouse>.tmp/`` in part, so ROWS_PER_REPLACING_BATCH
+bounds the rest. Other statements,
 such as the SQL models, keep DuckDB's default limit (80% of RAM), because some of their
 operators cannot spill and fail at a low limit."""
 
@@ -55,10 +63,11 @@ SCAN_MEMORY_LIMIT = "64MB"
 """DuckDB's memory limit while scanning the data points for the latest period of each series."""
 
 INSERT_MEMORY_LIMIT = "32MB"
-"""DuckDB's memory limit while inserting Parquet rows. The insert streams, and DuckDB fills
-its buffers up to the limit. Loading W3's 360 days (54M rows) alone peaked 33 MB lower at 32
-MB than at 64 MB in the same time; at 16 MB it took 30% more CPU time. In W1 (13.5M rows) the
-load took 2.6 s at both 32 and 64 MB (DuckDB 2.0.1)."""
+"""DuckDB's memory limit while inserting Parquet rows into an empty table. The insert streams,
+and DuckDB fills its buffers up to the limit. Loading W3's 360 days (54M rows) alone peaked
+33 MB lower at 32 MB than at 64 MB in the same time; at 16 MB it took 30% more CPU time. In
+W1 (13.5M rows) the load took 2.6 s at both 32 and 64 MB (DuckDB 2.0.1). After a batch's
+deletes the insert runs at LOAD_MEMORY_LIMIT, because re-loading W3's rows failed at 32 MB."""
 
 DELETE_CHUNK_ROWS = 2_000_000
 """Row ids covered by one delete statement when a load replaces stored rows."""
@@ -139,7 +148,8 @@ class Warehouse:
         Each key must occur once in all ``files`` together, as ParquetStore writes them (one
         file per entity and block), because a key repeated in the files is inserted twice.
         Each batch deletes the stored rows of its keys, then inserts its rows, and all
-        batches run in one transaction.
+        batches run in one transaction. Into an empty table, a batch contains up to
+        FILES_PER_STATEMENT files, and otherwise up to ROWS_PER_REPLACING_BATCH rows.
         """
         paths = _resolved_paths(files)
         if not paths:
@@ -147,9 +157,12 @@ class Warehouse:
         written = replaced = 0
         with self._load_settings(), self._transaction():
             self._widen_labels(paths)
-            for batch in _batched(paths):
-                replaced += self._delete_replaced_datapoints(batch)
-                with self._memory_limit(INSERT_MEMORY_LIMIT):
+            find_replaced = find_replaced_datapoints(self._key_types())
+            replacing = self._has_datapoints()
+            batches = self._replacing_batches(paths) if replacing else _batched(paths)
+            for batch in batches:
+                replaced += self._delete_replaced_datapoints(find_replaced, batch)
+                with self._memory_limit(LOAD_MEMORY_LIMIT if replacing else INSERT_MEMORY_LIMIT):
                     result = self.connection.execute(INSERT_DATAPOINTS, {"files": batch}).fetchone()
                 written += result[0] if result else 0
         logger.info(
@@ -207,9 +220,40 @@ class Warehouse:
             row = self.connection.execute(f"select list(distinct {column}) filter (where {column} is not null) from datapoints").fetchone()
         return list(row[0] or []) if row else []
 
-    def _delete_replaced_datapoints(self, files: list[str]) -> int:
+    def _has_datapoints(self) -> bool:
+        row = self.connection.execute("select exists (select 1 from datapoints)").fetchone()
+        return bool(row and row[0])
+
+    def _replacing_batches(self, paths: list[str]) -> Iterator[list[str]]:
+        """Group ``paths`` by month partition into batches of at most ROWS_PER_REPLACING_BATCH rows.
+
+        A single file larger than the limit forms a batch of its own.
+        """
+        rows = dict(
+            self.connection.execute("select file_name, num_rows from parquet_file_metadata($files)", {"files": paths}).fetchall()
+        )
+        batch: list[str] = []
+        batch_rows = 0
+        for path in sorted(paths, key=lambda path: (_month_partition(path), path)):
+            if batch and batch_rows + rows[path] > ROWS_PER_REPLACING_BATCH:
+                yield batch
+                batch, batch_rows = [], 0
+            batch.append(path)
+            batch_rows += rows[path]
+        if batch:
+            yield batch
+
+    def _key_types(self) -> dict[str, str]:
+        """Return the SQL type of each of KEY_COLUMNS in datapoints, ENUMs spelled out with their values."""
+        types = dict(self._column_types("datapoints", "current_database()"))
+        return {
+            column: enum_type(self._stored_labels(column, is_enum=True)) if types[column].startswith("ENUM(") else types[column]
+            for column in KEY_COLUMNS
+        }
+
+    def _delete_replaced_datapoints(self, find_replaced: str, files: list[str]) -> int:
         """Delete the stored rows whose keys occur in ``files`` and return how many were deleted."""
-        self.connection.execute(FIND_REPLACED_DATAPOINTS, {"files": files})
+        self.connection.execute(find_replaced, {"files": files})
         try:
             chunks = self.connection.execute(
                 "select distinct row_id // $size from _replaced_datapoints order by 1", {"size": DELETE_CHUNK_ROWS}
@@ -494,6 +538,14 @@ def _label_columns_as_varchar(columns: list[tuple[str, str]]) -> list[tuple[str,
 
 def _resolved_paths(files: Sequence[Path]) -> list[str]:
     return sorted({str(Path(file).resolve()) for file in files})
+
+
+def _month_partition(path: str) -> str:
+    """Return the value of the ``month=`` folder in ``path``, or "" outside a month partition."""
+    for part in Path(path).parts:
+        if part.startswith("month="):
+            return part.removeprefix("month=")
+    return ""
 
 
 def _batched(paths: list[str]) -> Iterator[list[str]]:
