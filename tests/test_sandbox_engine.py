@@ -579,6 +579,30 @@ def test_revenue_bucket_products_cover_total(engine, organisation):
     assert _close(daily["revenue_total_revenue"][0], products)
 
 
+class _DoubleEveryDay:
+    """Corrections that double the EUR values of every delivery day."""
+
+    def factors(self, days):
+        return dict.fromkeys(days, 2.0)
+
+
+def test_revenue_window_cache_skips_corrections(organisation):
+    engine = Engine(organisation)
+    asset_id = _asset_id(organisation, "VA-04")
+    start, end = _day_window(NORMAL_DAY, days=3)
+    first = engine.revenue_buckets(asset_id, "wholesale", start, end)
+    tolling = engine.revenue_buckets(asset_id, "tolling", start, end)
+
+    assert engine.revenue_buckets(asset_id, "wholesale", start, end) == first
+    assert len(engine._daily_revenue_cache) == 1
+    assert [bucket["start"] for bucket in tolling] == [bucket["start"] for bucket in first]
+
+    engine.corrections = _DoubleEveryDay()
+    corrected = engine.revenue_buckets(asset_id, "wholesale", start, end)
+
+    assert [bucket["revenue"] for bucket in corrected] == pytest.approx([2 * bucket["revenue"] for bucket in first])
+
+
 # Errors.
 
 

@@ -303,7 +303,7 @@ class SandboxApi:
         virtual_asset_id = request.path_params["virtual_asset_id"]
         start, end = self._window(request, "revenue", end_inclusive=False)
         try:
-            buckets = self.engine.revenue_buckets(virtual_asset_id, product, start, end)
+            buckets = await run_in_threadpool(self.engine.revenue_buckets, virtual_asset_id, product, start, end)
         except KeyError:
             raise ApiProblem(404, "not_found", f"virtual asset {virtual_asset_id!r} not found") from None
         body = [
