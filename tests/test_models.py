@@ -12,7 +12,7 @@ import duckdb
 import pytest
 from warehouse_fixture import PHYSICAL_ASSET_ID, PORTFOLIO_ID, build_warehouse
 
-from terralayr_etl.models import ModelError, discover_models, run_checks, run_models
+from terralayr_etl.models import CHECK_CHUNK_ROWS, ModelError, discover_models, run_checks, run_models
 
 DST_DAY = "2024-10-27"
 QUARTER_HOUR_ON_DST_DAY = "2024-10-27 10:00:00+00"
@@ -59,9 +59,18 @@ def failing_checks(connection: duckdb.DuckDBPyConnection) -> set[tuple[str, str,
     return set(rows)
 
 
-def model_and_check(connection: duckdb.DuckDBPyConnection):
-    run_models(connection)
+def model_and_check(connection: duckdb.DuckDBPyConnection, chunk_rows: int = CHECK_CHUNK_ROWS):
+    run_models(connection, chunk_rows=chunk_rows)
     return run_checks(connection)
+
+
+def check_outcomes(connection: duckdb.DuckDBPyConnection) -> list[tuple]:
+    # A check's row is the period with the largest difference of its day, and among equal
+    # differences DuckDB picks any period, so expected and actual are left out.
+    return connection.execute(
+        "select check_name, entity_type, entity_id, category, period, round(difference, 9), tolerance, status "
+        "from check_results order by all"
+    ).fetchall()
 
 
 def test_checks_pass_on_consistent_warehouse(connection):
@@ -121,6 +130,30 @@ def test_check_days_empty_range_checks_nothing(connection):
     summary = run_checks(connection)
 
     assert summary.total == 0
+
+
+def test_checks_in_day_chunks_match_one_pass(connection):
+    one_pass = model_and_check(connection)
+    one_pass_outcomes = check_outcomes(connection)
+
+    # One stored row per chunk rounds up to one local day per chunk: three chunks here.
+    chunked = model_and_check(connection, chunk_rows=1)
+
+    assert chunked.by_check == one_pass.by_check
+    assert check_outcomes(connection) == one_pass_outcomes
+    assert connection.execute("select first_day, end_day from check_scope").fetchone() == (date(1, 1, 1), date(9999, 12, 31))
+
+
+def test_check_days_in_chunks_keep_their_range(connection):
+    run_models(connection, check_days=(date(2024, 10, 27), date(2024, 10, 29)), chunk_rows=1)
+    summary = run_checks(connection)
+
+    rows = connection.execute(
+        "select distinct period::varchar from check_results where check_name = 'rollup_daily' order by 1"
+    ).fetchall()
+    assert summary.failed == 0, summary.failing_rows
+    assert rows == [(DST_DAY,), ("2024-10-28",)]
+    assert connection.execute("select first_day, end_day from check_scope").fetchone() == (date(2024, 10, 27), date(2024, 10, 29))
 
 
 # Each corruption lists every check row it must fail, and no other row may fail. One wrong
@@ -194,12 +227,13 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.parametrize("chunk_rows", [CHECK_CHUNK_ROWS, 1])
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corruption_fails_matching_checks(connection, corruption):
+def test_corruption_fails_matching_checks(connection, corruption, chunk_rows):
     statement, expected_failures = CORRUPTIONS[corruption]
     connection.execute(statement)
 
-    summary = model_and_check(connection)
+    summary = model_and_check(connection, chunk_rows)
 
     assert failing_checks(connection) == expected_failures
     assert summary.failed == len(expected_failures)
@@ -410,6 +444,45 @@ def test_run_models_failure_keeps_previous_models(tmp_path):
             run_models(connection, tmp_path)
 
         assert connection.execute("select x from stg_one").fetchone()[0] == 1
+
+
+_SCOPED_COUNT_MODELS = {
+    "staging/stg_scoped.sql": (
+        "select datapoints.period_start from datapoints cross join check_scope as scope "
+        "where datapoints.period_start >= scope.first_instant and datapoints.period_start < scope.end_instant"
+    ),
+    "checks/check_one.sql": "-- materialized: table\nselect count(*) as periods from stg_scoped",
+}
+
+
+def _three_days_of_hours(connection: duckdb.DuckDBPyConnection) -> None:
+    connection.execute("set TimeZone = 'UTC'")
+    connection.execute(
+        "create table datapoints as select unnest(range('2024-09-30 22:00:00+00'::timestamptz, "
+        "'2024-10-03 22:00:00+00'::timestamptz, interval 1 hour)) as period_start"
+    )
+
+
+def test_run_models_appends_check_rows_per_chunk(tmp_path):
+    write_models(tmp_path, _SCOPED_COUNT_MODELS)
+    with duckdb.connect() as connection:
+        _three_days_of_hours(connection)
+
+        run_models(connection, tmp_path, chunk_rows=24)
+
+        assert connection.execute("select periods from check_one order by all").fetchall() == [(24,), (24,), (24,)]
+
+
+def test_run_models_one_pass_when_check_reads_check(tmp_path):
+    # check_two sums check_one, which would count earlier chunks twice if both were appended.
+    write_models(tmp_path, {**_SCOPED_COUNT_MODELS, "checks/check_two.sql": "-- materialized: table\nselect sum(periods) as periods from check_one"})
+    with duckdb.connect() as connection:
+        _three_days_of_hours(connection)
+
+        run_models(connection, tmp_path, chunk_rows=24)
+
+        assert connection.execute("select periods from check_one").fetchall() == [(72,)]
+        assert connection.execute("select periods from check_two").fetchall() == [(72,)]
 
 
 def test_run_checks_before_models_raises(connection):
