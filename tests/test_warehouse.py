@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from terralayr_etl import warehouse as warehouse_module
@@ -159,13 +160,13 @@ def _many_datapoints(entities: int, categories: int, periods: int, value: float)
     return pa.table(columns).cast(LONG_SCHEMA)
 
 
-@pytest.mark.parametrize("rows_per_batch", [warehouse_module.ROWS_PER_REPLACING_BATCH, 10_000])
+@pytest.mark.parametrize("rows_per_batch", [warehouse_module.ROWS_PER_BATCH, 10_000])
 def test_warehouse_reload_fits_small_memory_limit(tmp_path: Path, warehouse: Warehouse, monkeypatch, rows_per_batch):
     # Joining the stored keys to the files' keys as text cast every stored ENUM label to
     # VARCHAR, and re-loading these 238,080 rows failed at 32 MB with an out-of-memory error.
-    # With 10,000 rows per batch, the re-load runs in 20 batches.
-    monkeypatch.setattr(warehouse_module, "LOAD_MEMORY_LIMIT", "32MB")
-    monkeypatch.setattr(warehouse_module, "ROWS_PER_REPLACING_BATCH", rows_per_batch)
+    # With 10,000 rows per batch, the re-load runs in 21 batches.
+    monkeypatch.setattr(warehouse_module, "LOAD_MEMORY", warehouse_module.MemoryLimit(floor_mb=32, per_thread_mb=0))
+    monkeypatch.setattr(warehouse_module, "ROWS_PER_BATCH", rows_per_batch)
     store = ParquetStore(tmp_path)
     warehouse.load_datapoints(store.write_datapoints(_many_datapoints(4, 20, 2976, value=1.0)))
 
@@ -173,6 +174,24 @@ def test_warehouse_reload_fits_small_memory_limit(tmp_path: Path, warehouse: War
 
     assert reloaded == 238_080
     assert warehouse.connection.execute("select count(*), min(value), max(value) from datapoints").fetchone() == (238_080, 2.0, 2.0)
+
+
+def test_warehouse_load_with_many_duckdb_threads(tmp_path: Path, warehouse: Warehouse):
+    # Each DuckDB thread pins its own buffers. With fixed limits (32 MB for the insert) this
+    # load failed with an out-of-memory error. DuckDB runs 32 threads whatever the core count.
+    warehouse.connection.execute("set threads = 32")
+    store = ParquetStore(tmp_path)
+    warehouse.load_datapoints(store.write_datapoints(_many_datapoints(32, 10, 1000, value=1.0)))
+
+    reloaded = warehouse.load_datapoints(store.write_datapoints(_many_datapoints(32, 10, 1000, value=2.0)))
+
+    warehouse.load_revenue_buckets(store.write_revenue_buckets(_buckets(10.0)))
+
+    assert reloaded == 320_000
+    assert warehouse.update_watermarks(["15min"]) == 32
+    # The bucket load runs on one thread and gives the connection its 32 threads back.
+    assert warehouse.connection.execute("select current_setting('threads')").fetchone() == (32,)
+    assert warehouse.connection.execute("select count(*), min(value) from datapoints").fetchone() == (320_000, 2.0)
 
 
 def test_warehouse_datapoints_have_no_index(warehouse: Warehouse):
@@ -308,14 +327,23 @@ def test_warehouse_load_takes_partition_columns(tmp_path: Path, warehouse: Wareh
     assert rows == [("virtual_asset", VA_ID, "15min")]
 
 
-def test_warehouse_load_rolls_back_failed_batch(tmp_path: Path, warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch):
-    files = ParquetStore(tmp_path).write_datapoints(_datapoints(4))
-    monkeypatch.setattr(warehouse_module, "FILES_PER_STATEMENT", 1)
+def test_warehouse_failed_batch_keeps_earlier_batches(tmp_path: Path, warehouse: Warehouse):
+    january = ParquetStore(tmp_path / "good").write_datapoints(_datapoints(4))
+    # A February file without value columns: its batch comes second and fails at the insert.
+    bad = tmp_path / "bad" / "resolution=15min" / "entity_type=virtual_asset" / "month=2025-02" / "broken.parquet"
+    bad.parent.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"entity_id": [VA_ID], "category": ["revenue_fcr"], "period_start": [DAY + timedelta(days=40)], "unit": ["EUR"]}),
+        bad,
+    )
 
-    with pytest.raises(duckdb.IOException):
-        warehouse.load_datapoints([*files, tmp_path / "zz-missing.parquet"])
+    with pytest.raises(duckdb.Error):
+        warehouse.load_datapoints([*january, bad])
+    rows_after_failure = warehouse.connection.execute("select count(*) from datapoints").fetchone()
+    warehouse.load_datapoints(january)
 
-    assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (0,)
+    assert rows_after_failure == (8,)
+    assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (8,)
 
 
 def test_warehouse_load_empty_list_returns_zero(warehouse: Warehouse):

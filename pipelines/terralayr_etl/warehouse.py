@@ -8,11 +8,13 @@ displayed timestamps never depend on the host's zone.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +35,7 @@ from terralayr_etl.warehouse_sql import (
     INSERT_DATAPOINTS,
     KEY_COLUMNS,
     LABEL_COLUMNS,
+    MAY_REPLACE_DATAPOINTS,
     SCHEMA_SQL,
     UPSERT_REVENUE_BUCKETS,
     enum_type,
@@ -42,32 +45,52 @@ from terralayr_etl.warehouse_sql import (
 logger = logging.getLogger(__name__)
 
 FILES_PER_STATEMENT = 10_000
-"""Parquet files read by one load statement into an empty table. Without an index the insert
-streams, so a larger batch does not raise memory use."""
+"""Parquet files read by one batch of a load."""
 
-ROWS_PER_REPLACING_BATCH = 8_000_000
-"""Parquet rows read by one batch of a load into a table that already contains rows. Finding
-the stored rows a batch replaces builds a hash table of the batch's keys, which spills to disk
-only in part. Re-loading W3's 54M rows in one batch failed at LOAD_MEMORY_LIMIT, and in
-batches of this size it took 27 s and peaked at 316 MB. Batches follow the files' month
-partitions, so each one covers a narrow range of periods."""
+ROWS_PER_BATCH = 8_000_000
+"""Parquet rows read by one batch of a load, which commits on its own. DuckDB keeps state for
+every row a transaction inserted until it commits: loading W3's 54M rows in one transaction
+raised the process's RSS by about 60 MB, in month batches by at most 30 MB. Finding the
+stored rows a batch replaces builds a hash table of the batch's keys, which spills to disk
+only in part. So re-loading W3's rows failed in one batch, and in month batches it took 22 s
+and peaked at 290 MB. A batch never spans two month partitions, so a backfill's later batches
+do not overlap the stored periods."""
 
-LOAD_MEMORY_LIMIT = "128MB"
+@dataclass(frozen=True)
+class MemoryLimit:
+    """A DuckDB memory limit for one kind of load statement, growing with DuckDB's threads.
+
+    Each DuckDB thread pins its own buffers. At a fixed 32 MB the insert of W1's files failed
+    with eight threads, and the watermark scan needed about 1 MB per thread.
+    """
+
+    floor_mb: int
+    per_thread_mb: int
+
+    def setting(self, threads: int) -> str:
+        """Return the ``memory_limit`` value for ``threads`` DuckDB threads."""
+        return f"{max(self.floor_mb, self.per_thread_mb * threads)}MB"
+
+
+LOAD_MEMORY = MemoryLimit(floor_mb=128, per_thread_mb=16)
 """DuckDB's memory limit while finding the stored rows a load replaces, and while inserting
-after such deletes. The join spills to ``<warehouse>.tmp/`` in part, so ROWS_PER_REPLACING_BATCH
-bounds the rest. Other statements,
-such as the SQL models, keep DuckDB's default limit (80% of RAM), because some of their
-operators cannot spill and fail at a low limit."""
+after such deletes: 128 MB up to eight threads. The join spills to ``<warehouse>.tmp/`` in
+part, so ROWS_PER_BATCH bounds the rest. With 16 and 32 threads, twice and four times this
+limit re-loaded W1's files. Other statements, such as the SQL models, keep DuckDB's default
+limit (80% of RAM), because some of their operators cannot spill and fail at a low limit."""
 
-SCAN_MEMORY_LIMIT = "64MB"
-"""DuckDB's memory limit while scanning the data points for the latest period of each series."""
+SCAN_MEMORY = MemoryLimit(floor_mb=8, per_thread_mb=2)
+"""DuckDB's memory limit while scanning the data points for the latest period of each series.
+The scan keeps blocks up to the limit: after W3's 360 days it added 18 MB at 8 MB and 72 MB
+at 64 MB, in the same time."""
 
-INSERT_MEMORY_LIMIT = "32MB"
-"""DuckDB's memory limit while inserting Parquet rows into an empty table. The insert streams,
-and DuckDB fills its buffers up to the limit. Loading W3's 360 days (54M rows) alone peaked
-33 MB lower at 32 MB than at 64 MB in the same time; at 16 MB it took 30% more CPU time. In
-W1 (13.5M rows) the load took 2.6 s at both 32 and 64 MB (DuckDB 2.0.1). After a batch's
-deletes the insert runs at LOAD_MEMORY_LIMIT, because re-loading W3's rows failed at 32 MB."""
+INSERT_MEMORY = MemoryLimit(floor_mb=32, per_thread_mb=8)
+"""DuckDB's memory limit while inserting Parquet rows into an empty table: 32 MB up to four
+threads. The insert streams, and DuckDB fills its buffers up to the limit. Loading W3's 360
+days (54M rows) alone peaked 33 MB lower at 32 MB than at 64 MB in the same time. At 16 MB it
+took 30% more CPU time. In W1 (13.5M rows) the load took 2.6 s at both 32 and 64 MB (DuckDB
+2.0.1). With eight and 16 threads, 64 and 128 MB loaded W1's files. After a batch's deletes
+the insert runs at LOAD_MEMORY, because re-loading W3's rows failed at 32 MB."""
 
 DELETE_CHUNK_ROWS = 2_000_000
 """Row ids covered by one delete statement when a load replaces stored rows."""
@@ -147,23 +170,30 @@ class Warehouse:
         category and period_start, so loading the same files twice keeps the row count.
         Each key must occur once in all ``files`` together, as ParquetStore writes them (one
         file per entity and block), because a key repeated in the files is inserted twice.
-        Each batch deletes the stored rows of its keys, then inserts its rows, and all
-        batches run in one transaction. Into an empty table, a batch contains up to
-        FILES_PER_STATEMENT files, and otherwise up to ROWS_PER_REPLACING_BATCH rows.
+
+        The files load in batches of at most ROWS_PER_BATCH rows and FILES_PER_STATEMENT
+        files, in month order, and each batch commits on its own. A batch whose periods and
+        entities the table already contains first deletes the stored rows of its keys. When a
+        batch fails, it rolls back and the batches before it stay loaded; loading the same
+        files again completes the load without duplicates.
         """
         paths = _resolved_paths(files)
         if not paths:
             return 0
         written = replaced = 0
-        with self._load_settings(), self._transaction():
-            self._widen_labels(paths)
-            find_replaced = find_replaced_datapoints(self._key_types())
-            replacing = self._has_datapoints()
-            batches = self._replacing_batches(paths) if replacing else _batched(paths)
-            for batch in batches:
-                replaced += self._delete_replaced_datapoints(find_replaced, batch)
-                with self._memory_limit(LOAD_MEMORY_LIMIT if replacing else INSERT_MEMORY_LIMIT):
-                    result = self.connection.execute(INSERT_DATAPOINTS, {"files": batch}).fetchone()
+        find_replaced = ""
+        with self._load_settings():
+            for index, batch in enumerate(self._batches(paths)):
+                with self._transaction():
+                    if index == 0:
+                        # New labels of any batch widen the ENUMs once, with the first batch.
+                        self._widen_labels(paths)
+                        find_replaced = find_replaced_datapoints(self._key_types())
+                    deleted = self._delete_replaced_datapoints(find_replaced, batch) if self._may_replace(batch) else 0
+                    # Inserting after deletes failed at INSERT_MEMORY when re-loading W3's rows.
+                    with self._memory_limit(LOAD_MEMORY if deleted else INSERT_MEMORY):
+                        result = self.connection.execute(INSERT_DATAPOINTS, {"files": batch}).fetchone()
+                replaced += deleted
                 written += result[0] if result else 0
         logger.info(
             "Loaded %d data-point rows (%d replaced stored rows) from %d Parquet files into %s",
@@ -172,18 +202,34 @@ class Warehouse:
         return written
 
     @contextmanager
-    def _memory_limit(self, limit: str) -> Iterator[None]:
-        """Apply ``limit`` inside ``_load_settings`` and go back to LOAD_MEMORY_LIMIT after."""
-        self.connection.execute(f"set memory_limit = '{limit}'")
+    def _memory_limit(self, limit: MemoryLimit) -> Iterator[None]:
+        """Apply ``limit`` inside ``_load_settings`` and go back to LOAD_MEMORY after."""
+        self._set_memory_limit(limit)
         try:
             yield
         finally:
-            self.connection.execute(f"set memory_limit = '{LOAD_MEMORY_LIMIT}'")
+            self._set_memory_limit(LOAD_MEMORY)
+
+    def _set_memory_limit(self, limit: MemoryLimit) -> None:
+        row = self.connection.execute("select current_setting('threads')").fetchone()
+        threads = int(row[0]) if row else 1
+        self.connection.execute(f"set memory_limit = '{limit.setting(threads)}'")
+
+    @contextmanager
+    def _threads(self, count: int) -> Iterator[None]:
+        """Run DuckDB statements on ``count`` threads, and go back to the previous count after."""
+        row = self.connection.execute("select current_setting('threads')").fetchone()
+        previous = int(row[0]) if row else 1
+        self.connection.execute(f"set threads = {int(count)}")
+        try:
+            yield
+        finally:
+            self.connection.execute(f"set threads = {previous}")
 
     @contextmanager
     def _load_settings(self) -> Iterator[None]:
-        """Apply LOAD_MEMORY_LIMIT and drop insertion order, and restore DuckDB's defaults after."""
-        self.connection.execute(f"set memory_limit = '{LOAD_MEMORY_LIMIT}'")
+        """Apply LOAD_MEMORY and drop insertion order, and restore DuckDB's defaults after."""
+        self._set_memory_limit(LOAD_MEMORY)
         # Row order inside the table carries no meaning. Keeping the files' order costs DuckDB
         # about 1.5 times the CPU time of the insert (measured on 13.5M rows, DuckDB 2.0).
         self.connection.execute("set preserve_insertion_order = false")
@@ -220,28 +266,35 @@ class Warehouse:
             row = self.connection.execute(f"select list(distinct {column}) filter (where {column} is not null) from datapoints").fetchone()
         return list(row[0] or []) if row else []
 
-    def _has_datapoints(self) -> bool:
-        row = self.connection.execute("select exists (select 1 from datapoints)").fetchone()
-        return bool(row and row[0])
+    def _batches(self, paths: list[str]) -> Iterator[list[str]]:
+        """Group ``paths`` by month partition into batches of at most ROWS_PER_BATCH rows and FILES_PER_STATEMENT files.
 
-    def _replacing_batches(self, paths: list[str]) -> Iterator[list[str]]:
-        """Group ``paths`` by month partition into batches of at most ROWS_PER_REPLACING_BATCH rows.
-
-        A single file larger than the limit forms a batch of its own.
+        A batch never spans two months, and a single file larger than the limit forms a batch
+        of its own.
         """
         rows = dict(
             self.connection.execute("select file_name, num_rows from parquet_file_metadata($files)", {"files": paths}).fetchall()
         )
-        batch: list[str] = []
-        batch_rows = 0
-        for path in sorted(paths, key=lambda path: (_month_partition(path), path)):
-            if batch and batch_rows + rows[path] > ROWS_PER_REPLACING_BATCH:
+        for _, month_paths in itertools.groupby(sorted(paths, key=lambda path: (_month_partition(path), path)), key=_month_partition):
+            batch: list[str] = []
+            batch_rows = 0
+            for path in month_paths:
+                if batch and (batch_rows + rows[path] > ROWS_PER_BATCH or len(batch) == FILES_PER_STATEMENT):
+                    yield batch
+                    batch, batch_rows = [], 0
+                batch.append(path)
+                batch_rows += rows[path]
+            if batch:
                 yield batch
-                batch, batch_rows = [], 0
-            batch.append(path)
-            batch_rows += rows[path]
-        if batch:
-            yield batch
+
+    def _may_replace(self, files: list[str]) -> bool:
+        """Return whether stored rows share the period range and an entity with ``files``.
+
+        False means no stored row has a key of the files, so the batch skips the join that
+        finds replaced rows. A backfill's later months skip it this way.
+        """
+        row = self.connection.execute(MAY_REPLACE_DATAPOINTS, {"files": files}).fetchone()
+        return bool(row and row[0])
 
     def _key_types(self) -> dict[str, str]:
         """Return the SQL type of each of KEY_COLUMNS in datapoints, ENUMs spelled out with their values."""
@@ -430,24 +483,23 @@ class Warehouse:
         watermark, such as those with a window that failed in this run, so that the next
         nightly run fetches that window again. Returns the number of watermarks written.
         """
-        excluded = [f"{entity_type}/{entity_id}/{resolution}" for entity_type, entity_id, resolution in exclude]
-        # The scan reads every stored period_start and DuckDB's buffer pool keeps the scanned
-        # blocks up to its limit: after a 360-day backfill that added about 200 MB under the
-        # default limit and about 40 MB under 192 MB. The aggregate has one row per series.
-        with self._load_settings(), self._memory_limit(SCAN_MEMORY_LIMIT), self._transaction():
-            written = self.connection.execute(
-                """
-                insert into watermarks
-                select entity_type, entity_id, resolution, max(period_start)
-                from datapoints
-                where list_contains($resolutions, resolution)
-                    and not list_contains($excluded, entity_type || '/' || entity_id || '/' || resolution)
-                group by all
-                on conflict (entity_type, entity_id, resolution) do update set watermark = excluded.watermark
-                """,
-                {"resolutions": list(resolutions), "excluded": excluded},
-            ).fetchone()
-        return written[0] if written else 0
+        requested = set(resolutions)
+        excluded = {watermark_key(*key) for key in exclude}
+        # The scan reads every stored period_start. It groups by the ENUM columns alone, and
+        # the filters apply to the few groups in Python. Filtering each row on its labels as
+        # text took 0.45 s and added 56 MB after W3's 360 days, this takes 0.22 s and 18 MB.
+        with self._load_settings(), self._memory_limit(SCAN_MEMORY):
+            latest = self.connection.execute(
+                "select entity_type, entity_id, resolution, max(period_start) from datapoints group by all"
+            ).fetchall()
+        rows = [
+            (entity_type, entity_id, resolution, _as_utc(watermark))
+            for entity_type, entity_id, resolution, watermark in latest
+            if resolution in requested and watermark_key(entity_type, entity_id, resolution) not in excluded
+        ]
+        if rows:
+            self.set_watermarks(rows)
+        return len(rows)
 
     def earliest_watermark(self, resolutions: Sequence[str]) -> datetime | None:
         """Return the earliest watermark over all entities at these resolutions, or None."""
@@ -502,7 +554,11 @@ class Warehouse:
         if not paths:
             return 0
         written = 0
-        with self._load_settings(), self._transaction():
+        # Revenue buckets come in many small files (one per virtual asset, product and month).
+        # Read by two threads, the 960 files of W3's 360 days raised the RSS by 45 MB for
+        # 28,800 rows. On one thread at 32 MB they add nothing to the load's peak and take
+        # 0.1 s longer.
+        with self._load_settings(), self._threads(1), self._memory_limit(INSERT_MEMORY), self._transaction():
             for batch in _batched(paths):
                 result = self.connection.execute(statement, {"files": batch}).fetchone()
                 written += result[0] if result else 0

@@ -145,6 +145,19 @@ semi join (
 """
 
 
+MAY_REPLACE_DATAPOINTS = f"""
+with incoming as (
+    select min(period_start) as first_period, max(period_start) as last_period, list(distinct entity_id) as entity_ids
+    from {_READ_DATAPOINT_FILES}
+)
+select exists (
+    select 1
+    from datapoints, incoming
+    where datapoints.period_start between incoming.first_period and incoming.last_period
+        and list_contains(incoming.entity_ids, datapoints.entity_id::varchar)
+)
+"""
+
 INCOMING_LABELS = f"""
 select {", ".join(f"list(distinct {column}) filter (where {column} is not null)" for column in LABEL_COLUMNS)}
 from {_READ_DATAPOINT_FILES}
