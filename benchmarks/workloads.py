@@ -93,6 +93,9 @@ def run_backfill(session: Session, spec: BackfillSpec, name: str) -> dict[str, A
     if measured.returncode not in (0, 1):
         raise BenchmarkError(f"{name}: the pipeline exited with status {measured.returncode}: {measured.stderr[-3000:]}")
     run = _last_run(data_dir / "warehouse.duckdb")
+    # Exit status 1 also ends a run that failed, which measures nothing.
+    if run["status"] not in ("success", "checks_failed"):
+        raise BenchmarkError(f"{name}: the run ended with status {run['status']}: {measured.stderr[-3000:]}")
     values = run["rows"] or 0
     requests = run["requests"] or 0
     return {

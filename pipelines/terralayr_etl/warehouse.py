@@ -31,6 +31,7 @@ from terralayr_etl.warehouse_sql import (
     DATAPOINTS_COLUMNS,
     DATAPOINTS_COLUMNS_SQL,
     DELETE_REPLACED_CHUNK,
+    HELD_MEMORY,
     INCOMING_LABELS,
     INSERT_DATAPOINTS,
     KEY_COLUMNS,
@@ -58,18 +59,19 @@ do not overlap the stored periods."""
 
 @dataclass(frozen=True)
 class MemoryLimit:
-    """A DuckDB memory limit for one kind of load statement, growing with DuckDB's threads.
+    """A DuckDB memory allowance for one kind of load statement, growing with DuckDB's threads.
 
     Each DuckDB thread pins its own buffers. At a fixed 32 MB the insert of W1's files failed
-    with eight threads, and the watermark scan needed about 1 MB per thread.
+    with eight threads, and the watermark scan needed about 1 MB per thread. The allowance
+    comes on top of the memory DuckDB keeps and cannot evict (Warehouse._set_memory_limit).
     """
 
     floor_mb: int
     per_thread_mb: int
 
-    def setting(self, threads: int) -> str:
-        """Return the ``memory_limit`` value for ``threads`` DuckDB threads."""
-        return f"{max(self.floor_mb, self.per_thread_mb * threads)}MB"
+    def setting(self, threads: int, held_mb: int = 0) -> str:
+        """Return the ``memory_limit`` value for ``threads`` DuckDB threads and ``held_mb`` MB already kept."""
+        return f"{held_mb + max(self.floor_mb, self.per_thread_mb * threads)}MB"
 
 
 LOAD_MEMORY = MemoryLimit(floor_mb=128, per_thread_mb=16)
@@ -211,9 +213,15 @@ class Warehouse:
             self._set_memory_limit(LOAD_MEMORY)
 
     def _set_memory_limit(self, limit: MemoryLimit) -> None:
-        row = self.connection.execute("select current_setting('threads')").fetchone()
-        threads = int(row[0]) if row else 1
-        self.connection.execute(f"set memory_limit = '{limit.setting(threads)}'")
+        """Set DuckDB's limit to ``limit``'s allowance plus the memory DuckDB cannot evict.
+
+        Key indexes (the revenue buckets' PRIMARY KEY grows with the warehouse), temporary
+        tables and metadata count against the limit and stay in memory. With a fixed 8 MB the
+        watermark scan of W4 failed, because 5.9 MB of it were taken.
+        """
+        row = self.connection.execute(HELD_MEMORY).fetchone()
+        threads, held_bytes = (int(row[0]), int(row[1])) if row else (1, 0)
+        self.connection.execute(f"set memory_limit = '{limit.setting(threads, -(-held_bytes // 2**20))}'")
 
     @contextmanager
     def _threads(self, count: int) -> Iterator[None]:

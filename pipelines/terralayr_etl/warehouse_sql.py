@@ -158,6 +158,15 @@ select exists (
 )
 """
 
+# Cached blocks of stored tables (BASE_TABLE) and of read files can be evicted; DuckDB's
+# other memory, such as key indexes and temporary tables, stays until it is dropped.
+HELD_MEMORY = """
+select
+    current_setting('threads')::integer,
+    coalesce(sum(memory_usage_bytes) filter (where tag not in ('BASE_TABLE', 'EXTERNAL_FILE_CACHE')), 0)
+from duckdb_memory()
+"""
+
 INCOMING_LABELS = f"""
 select {", ".join(f"list(distinct {column}) filter (where {column} is not null)" for column in LABEL_COLUMNS)}
 from {_READ_DATAPOINT_FILES}
