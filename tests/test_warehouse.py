@@ -207,6 +207,19 @@ def test_warehouse_load_beside_index_in_memory(tmp_path: Path, warehouse: Wareho
     assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (3_840,)
 
 
+def test_warehouse_reload_of_files_without_statistics(tmp_path: Path, warehouse: Warehouse):
+    # Without Parquet statistics a batch cannot show that its keys are new, so it takes the
+    # join that finds replaced rows instead of inserting a second copy.
+    files = ParquetStore(tmp_path).write_datapoints(_datapoints(8))
+    for file in files:
+        pq.write_table(pq.read_table(file), file, write_statistics=False)
+
+    warehouse.load_datapoints(files)
+    warehouse.load_datapoints(files)
+
+    assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (16,)
+
+
 def test_warehouse_datapoints_have_no_index(warehouse: Warehouse):
     indexed = warehouse.connection.execute(
         "select count(*) from duckdb_constraints() where table_name = 'datapoints' "

@@ -31,13 +31,14 @@ from terralayr_etl.warehouse_sql import (
     DATAPOINTS_COLUMNS,
     DATAPOINTS_COLUMNS_SQL,
     DELETE_REPLACED_CHUNK,
+    FILE_STATISTICS,
     HELD_MEMORY,
     INCOMING_LABELS,
     INSERT_DATAPOINTS,
     KEY_COLUMNS,
     LABEL_COLUMNS,
-    MAY_REPLACE_DATAPOINTS,
     SCHEMA_SQL,
+    STORED_IN_RANGE,
     UPSERT_REVENUE_BUCKETS,
     enum_type,
     find_replaced_datapoints,
@@ -96,6 +97,33 @@ the insert runs at LOAD_MEMORY, because re-loading W3's rows failed at 32 MB."""
 
 DELETE_CHUNK_ROWS = 2_000_000
 """Row ids covered by one delete statement when a load replaces stored rows."""
+
+@dataclass(frozen=True)
+class _KeyRange:
+    """Rows and key ranges of Parquet files, from their footers."""
+
+    rows: int = 0
+    first_period: datetime | None = None
+    last_period: datetime | None = None
+    first_entity: str | None = None
+    last_entity: str | None = None
+    complete_statistics: bool = True
+
+    def merge(self, other: _KeyRange) -> _KeyRange:
+        """Return the range that covers both."""
+        return _KeyRange(
+            rows=self.rows + (other.rows or 0),
+            first_period=_smaller(self.first_period, other.first_period),
+            last_period=_larger(self.last_period, other.last_period),
+            first_entity=_smaller(self.first_entity, other.first_entity),
+            last_entity=_larger(self.last_entity, other.last_entity),
+            complete_statistics=self.complete_statistics and bool(other.complete_statistics),
+        )
+
+
+_NO_STATISTICS = _KeyRange(complete_statistics=False)
+"""The range of a file whose footer lists no row group."""
+
 
 class Warehouse:
     """An open DuckDB warehouse file, held exclusively by this process until ``close``.
@@ -185,13 +213,13 @@ class Warehouse:
         written = replaced = 0
         find_replaced = ""
         with self._load_settings():
-            for index, batch in enumerate(self._batches(paths)):
+            for index, (batch, keys) in enumerate(self._batches(paths)):
                 with self._transaction():
                     if index == 0:
                         # New labels of any batch widen the ENUMs once, with the first batch.
                         self._widen_labels(paths)
                         find_replaced = find_replaced_datapoints(self._key_types())
-                    deleted = self._delete_replaced_datapoints(find_replaced, batch) if self._may_replace(batch) else 0
+                    deleted = self._delete_replaced_datapoints(find_replaced, batch) if self._may_replace(keys) else 0
                     # Inserting after deletes failed at INSERT_MEMORY when re-loading W3's rows.
                     with self._memory_limit(LOAD_MEMORY if deleted else INSERT_MEMORY):
                         result = self.connection.execute(INSERT_DATAPOINTS, {"files": batch}).fetchone()
@@ -274,34 +302,46 @@ class Warehouse:
             row = self.connection.execute(f"select list(distinct {column}) filter (where {column} is not null) from datapoints").fetchone()
         return list(row[0] or []) if row else []
 
-    def _batches(self, paths: list[str]) -> Iterator[list[str]]:
+    def _batches(self, paths: list[str]) -> Iterator[tuple[list[str], _KeyRange]]:
         """Group ``paths`` by month partition into batches of at most ROWS_PER_BATCH rows and FILES_PER_STATEMENT files.
 
         A batch never spans two months, and a single file larger than the limit forms a batch
-        of its own.
+        of its own. The files' statistics come from their Parquet footers, read once.
         """
-        rows = dict(
-            self.connection.execute("select file_name, num_rows from parquet_file_metadata($files)", {"files": paths}).fetchall()
-        )
+        statistics = {row[0]: _KeyRange(*row[1:]) for row in self.connection.execute(FILE_STATISTICS, {"files": paths}).fetchall()}
         for _, month_paths in itertools.groupby(sorted(paths, key=lambda path: (_month_partition(path), path)), key=_month_partition):
             batch: list[str] = []
-            batch_rows = 0
+            keys = _KeyRange()
             for path in month_paths:
-                if batch and (batch_rows + rows[path] > ROWS_PER_BATCH or len(batch) == FILES_PER_STATEMENT):
-                    yield batch
-                    batch, batch_rows = [], 0
+                file = statistics.get(path, _NO_STATISTICS)
+                if batch and (keys.rows + (file.rows or 0) > ROWS_PER_BATCH or len(batch) == FILES_PER_STATEMENT):
+                    yield batch, keys
+                    batch, keys = [], _KeyRange()
                 batch.append(path)
-                batch_rows += rows[path]
+                keys = keys.merge(file)
             if batch:
-                yield batch
+                yield batch, keys
 
-    def _may_replace(self, files: list[str]) -> bool:
-        """Return whether stored rows share the period range and an entity with ``files``.
+    def _may_replace(self, keys: _KeyRange) -> bool:
+        """Return whether stored rows share the period range and the entity id range of ``keys``.
 
-        False means no stored row has a key of the files, so the batch skips the join that
-        finds replaced rows. A backfill's later months skip it this way.
+        False means no stored row has a key of the batch's files, so the batch skips the join
+        that finds replaced rows. A backfill's later months skip it this way. Files without
+        statistics always take the join.
         """
-        row = self.connection.execute(MAY_REPLACE_DATAPOINTS, {"files": files}).fetchone()
+        if not keys.complete_statistics:
+            return True
+        if keys.first_period is None:
+            return False
+        row = self.connection.execute(
+            STORED_IN_RANGE,
+            {
+                "first_period": keys.first_period,
+                "last_period": keys.last_period,
+                "first_entity": keys.first_entity,
+                "last_entity": keys.last_entity,
+            },
+        ).fetchone()
         return bool(row and row[0])
 
     def _key_types(self) -> dict[str, str]:
@@ -602,6 +642,16 @@ def _label_columns_as_varchar(columns: list[tuple[str, str]]) -> list[tuple[str,
 
 def _resolved_paths(files: Sequence[Path]) -> list[str]:
     return sorted({str(Path(file).resolve()) for file in files})
+
+
+def _smaller(first: Any, second: Any) -> Any:
+    """Return the smaller of two values, where None means no value."""
+    return second if first is None else first if second is None else min(first, second)
+
+
+def _larger(first: Any, second: Any) -> Any:
+    """Return the larger of two values, where None means no value."""
+    return second if first is None else first if second is None else max(first, second)
 
 
 def _month_partition(path: str) -> str:

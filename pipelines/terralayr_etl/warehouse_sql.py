@@ -145,16 +145,34 @@ semi join (
 """
 
 
-MAY_REPLACE_DATAPOINTS = f"""
-with incoming as (
-    select min(period_start) as first_period, max(period_start) as last_period, list(distinct entity_id) as entity_ids
-    from {_READ_DATAPOINT_FILES}
-)
+# One row per file from its Parquet footer: rows, the range of period_start and entity_id,
+# and whether statistics for both columns are present and readable. A file without row
+# groups has no row here.
+FILE_STATISTICS = """
+select
+    file_name,
+    sum(row_group_num_rows) filter (where path_in_schema = 'period_start') as num_rows,
+    min(try_cast(stats_min_value as timestamptz)) filter (where path_in_schema = 'period_start') as first_period,
+    max(try_cast(stats_max_value as timestamptz)) filter (where path_in_schema = 'period_start') as last_period,
+    min(stats_min_value) filter (where path_in_schema = 'entity_id') as first_entity,
+    max(stats_max_value) filter (where path_in_schema = 'entity_id') as last_entity,
+    bool_and(
+        stats_min_value is not null
+        and stats_max_value is not null
+        and (path_in_schema <> 'period_start' or try_cast(stats_min_value as timestamptz) is not null)
+        and (path_in_schema <> 'period_start' or try_cast(stats_max_value as timestamptz) is not null)
+    ) and count(distinct path_in_schema) = 2 as complete_statistics
+from parquet_metadata($files)
+where path_in_schema in ('period_start', 'entity_id')
+group by file_name
+"""
+
+STORED_IN_RANGE = """
 select exists (
     select 1
-    from datapoints, incoming
-    where datapoints.period_start between incoming.first_period and incoming.last_period
-        and list_contains(incoming.entity_ids, datapoints.entity_id::varchar)
+    from datapoints
+    where period_start between $first_period and $last_period
+        and entity_id::varchar between $first_entity and $last_entity
 )
 """
 
