@@ -203,7 +203,7 @@ def run_models(
     # The warehouse already pins it to UTC; pinning it here keeps other callers correct too.
     connection.execute("set TimeZone = 'UTC'")
 
-    chunks = _check_chunks(connection, check_days, chunk_rows) if scoped_tables is not None else [check_days]
+    chunks = _check_chunks(connection, check_days, chunk_rows) if scoped_tables else [check_days]
     connection.begin()
     try:
         _write_category_rules(connection)
