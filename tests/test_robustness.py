@@ -408,6 +408,8 @@ def test_cli_failed_window_prints_quarantine_line(org: SmallOrg, prefect_harness
         ("unknown resolution", ["--resolution", "5min"], {}, "unknown resolution '5min'"),
         ("end before start", ["--start", "2024-10-28", "--end", "2024-10-26"], {}, "is not after --start"),
         ("invalid date", ["--start", "2024-13-01"], {}, "invalid --start '2024-13-01'"),
+        ("no such day", ["--start", "2024-11-31"], {}, "'2024-11-31': no such day in the calendar"),
+        ("date in another form", ["--start", "31.10.2024"], {}, "use the form YYYY-MM-DD"),
         ("missing password", [], {"TERRALAYR_PASSWORD": ""}, "TERRALAYR_PASSWORD not set"),
         ("missing organisation", [], {"TERRALAYR_ORGANISATION_ID": ""}, "TERRALAYR_ORGANISATION_ID is not set"),
         ("wrong password", [], {"TERRALAYR_PASSWORD": "not-the-password"}, "was rejected with HTTP 401"),

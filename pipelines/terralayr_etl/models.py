@@ -223,10 +223,8 @@ def run_models(
         connection.rollback()
         raise
 
-    log.info(
-        "Built %d SQL models from %s in %.1f s (checks in %d chunks)",
-        len(order), sql_dir, time.perf_counter() - started, len(chunks),
-    )  # fmt: skip
+    chunked = f" (check tables in {len(chunks)} chunks of days)" if len(chunks) > 1 else ""
+    log.info("Built %d SQL models from %s in %.1f s%s", len(order), sql_dir, time.perf_counter() - started, chunked)
     return order
 
 

@@ -193,7 +193,7 @@ def discover(
         member_rows += [(entity_type, entity_id, asset_id) for asset_id in members]
 
     logger.info(
-        "Discovered %d virtual assets, %d portfolios, %d fleets, %d physical assets",
+        "Discovered virtual assets: %d, portfolios: %d, fleets: %d, physical assets: %d",
         *(sum(1 for entity in entities if entity.entity_type == kind) for kind in ("virtual_asset", "portfolio", "fleet", "physical_asset")),
     )
     return Discovery(tuple(accepted), tuple(entities), tuple(member_rows), tuple(rejected))

@@ -6,6 +6,7 @@ only where a delivery day is derived, and the functions here are those places.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -74,6 +75,8 @@ def parse_day(text: str, *, option: str = "date") -> date:
     try:
         return date.fromisoformat(text)
     except ValueError:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ConfigError(f"invalid {option} {text!r}: no such day in the calendar; check the month and day") from None
         raise ConfigError(f"invalid {option} {text!r}; use the form YYYY-MM-DD, for example 2024-10-20") from None
 
 
