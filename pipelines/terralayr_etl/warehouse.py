@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -113,10 +113,10 @@ class _KeyRange:
         """Return the range that covers both."""
         return _KeyRange(
             rows=self.rows + (other.rows or 0),
-            first_period=_smaller(self.first_period, other.first_period),
-            last_period=_larger(self.last_period, other.last_period),
-            first_entity=_smaller(self.first_entity, other.first_entity),
-            last_entity=_larger(self.last_entity, other.last_entity),
+            first_period=_extreme(min, self.first_period, other.first_period),
+            last_period=_extreme(max, self.last_period, other.last_period),
+            first_entity=_extreme(min, self.first_entity, other.first_entity),
+            last_entity=_extreme(max, self.last_entity, other.last_entity),
             complete_statistics=self.complete_statistics and bool(other.complete_statistics),
         )
 
@@ -644,22 +644,13 @@ def _resolved_paths(files: Sequence[Path]) -> list[str]:
     return sorted({str(Path(file).resolve()) for file in files})
 
 
-def _smaller(first: Any, second: Any) -> Any:
-    """Return the smaller of two values, where None means no value."""
+def _extreme(pick: Callable[[Any, Any], Any], first: Any, second: Any) -> Any:
+    """Return ``pick`` (min or max) of two values, where None means no value."""
     if first is None:
         return second
     if second is None:
         return first
-    return min(first, second)
-
-
-def _larger(first: Any, second: Any) -> Any:
-    """Return the larger of two values, where None means no value."""
-    if first is None:
-        return second
-    if second is None:
-        return first
-    return max(first, second)
+    return pick(first, second)
 
 
 def _month_partition(path: str) -> str:
