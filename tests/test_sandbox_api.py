@@ -12,6 +12,7 @@ import pytest
 
 from terralayr_etl.categories import CATEGORY_NAMES
 from terralayr_etl.config import load_settings
+from terralayr_etl.sandbox.app import ResponseCache
 from terralayr_etl.sandbox.organisation import load_organisation
 from terralayr_etl.sandbox.server import SandboxServer
 from terralayr_etl.timeutil import LOCAL_TZ, local_midnight
@@ -260,3 +261,72 @@ def test_revenue_buckets_match_daily_datapoints(sandbox):
 
     assert [bucket["revenue"] for bucket in buckets] == pytest.approx([point["value"] for point in daily], abs=1e-9)
     assert datetime.fromisoformat(buckets[0]["start"]).astimezone(UTC) == datetime(2024, 10, 25, 22, tzinfo=UTC)
+
+
+def test_response_cache_serves_repeated_requests_with_the_same_bytes():
+    data_path = _datapoints_path("virtual_asset", VA_01)
+    revenue_path = load_settings().api.paths.revenue("wholesale").format(virtual_asset_id=VA_01)
+    window = {"start": "2024-10-25T22:00:00Z", "end": "2024-10-27T23:00:00Z"}
+
+    with SandboxServer(seed=11) as plain:
+        token = _token(plain)
+        expected = [
+            _get(plain, data_path, token, **window, resolution="15min").content,
+            _get(plain, revenue_path, token, **window).content,
+        ]
+    with SandboxServer(seed=11, cache_mb=64) as cached:
+        token = _token(cached)
+        first = [
+            _get(cached, data_path, token, **window, resolution="15min").content,
+            _get(cached, revenue_path, token, **window).content,
+        ]
+        again = [
+            _get(cached, data_path, token, **window, resolution="15min").content,
+            _get(cached, revenue_path, token, **window).content,
+        ]
+        without_token = _get(cached, data_path, None, **window, resolution="15min")
+        other_day = _get(cached, data_path, token, start=window["start"], end="2024-10-26T22:00:00Z", resolution="15min")
+        cache = cached.app.state.api.cache
+
+    assert first == expected
+    assert again == expected
+    assert cache.hits == 2
+    assert cache.size == sum(len(body) for body in expected) + len(other_day.content)
+    assert without_token.status_code == 401
+    assert other_day.status_code == 200
+    assert other_day.content != expected[0]
+
+
+def test_response_cache_keeps_no_errors_and_skips_corrections():
+    with SandboxServer(cache_mb=64, faults="corrections=0") as corrected:
+        token = _token(corrected)
+        path = _datapoints_path("virtual_asset", VA_01)
+        for _ in range(2):
+            _get(corrected, path, token, start="2024-10-25T22:00:00Z", end="2024-10-26T21:45:00Z", resolution="hourly")
+        corrected_cache = corrected.app.state.api.cache
+    with SandboxServer(cache_mb=64) as sandbox:
+        token = _token(sandbox)
+        missing = _get(sandbox, _datapoints_path("virtual_asset", "not-an-asset"), token,
+                       start="2024-10-25T22:00:00Z", end="2024-10-26T21:45:00Z", resolution="hourly")  # fmt: skip
+        too_long = _get(sandbox, _datapoints_path("virtual_asset", VA_01), token,
+                        start="2024-01-01T00:00:00Z", end="2024-12-01T00:00:00Z", resolution="15min")  # fmt: skip
+        cache = sandbox.app.state.api.cache
+
+    assert (corrected_cache.size, corrected_cache.hits) == (0, 0)
+    assert (missing.status_code, too_long.status_code) == (404, 400)
+    assert cache.size == 0
+
+
+def test_response_cache_drops_least_recently_used_bodies():
+    cache = ResponseCache(max_bytes=10)
+    cache.put("a", b"aaaa")
+    cache.put("b", b"bbbb")
+    assert cache.get("a") == b"aaaa"
+
+    cache.put("c", b"cccc")
+    cache.put("too-large", b"x" * 11)
+
+    assert cache.get("b") is None
+    assert cache.get("too-large") is None
+    assert (cache.get("a"), cache.get("c")) == (b"aaaa", b"cccc")
+    assert cache.size == 8

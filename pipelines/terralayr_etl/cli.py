@@ -77,11 +77,14 @@ def sandbox(
     latency_ms: Annotated[float, typer.Option("--latency-ms", help="Delay added to every response, in milliseconds.")] = 0.0,
     virtual_assets: Annotated[int | None, typer.Option("--virtual-assets", help="Serve a generated organisation of N virtual assets instead of the demo one.")] = None,
     faults: FaultsOption = None,
+    cache_mb: Annotated[float, typer.Option("--cache-mb", min=0, help="Keep up to this many MB of rendered bodies and serve repeated requests from them (0: off).")] = 0.0,
 ) -> None:
     """Serve the stand-in terralayr API until stopped (Ctrl+C)."""
     from terralayr_etl.sandbox.server import serve_forever
 
-    serve_forever(host=host, port=port, seed=seed, latency_ms=latency_ms, virtual_assets=virtual_assets, faults=faults)
+    serve_forever(
+        host=host, port=port, seed=seed, latency_ms=latency_ms, virtual_assets=virtual_assets, faults=faults, cache_mb=cache_mb
+    )
 
 
 @app.command()

@@ -14,6 +14,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -142,10 +143,49 @@ def encode_datapoints(frame: pl.DataFrame, categories: list[str]) -> bytes:
     return ("{" + '"data":{' + ",".join(parts) + "}").encode()
 
 
+class ResponseCache:
+    """Rendered response bodies by request path and query, least recently used out first.
+
+    A body depends only on the request's path and query (the organisation and seed are fixed
+    for the server's life), so a repeated request can skip the engine and the encoding. Only
+    successful data-point and revenue bodies are kept, and the token is still checked on every
+    request. The benchmarks use it so that a measured backfill does not share the CPUs with
+    the sandbox's data generation, as it would not with the real API (docs/benchmarks.md).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.size = 0
+        """Bytes of the bodies held."""
+        self.hits = 0
+        self._bodies: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            body = self._bodies.get(key)
+            if body is not None:
+                self._bodies.move_to_end(key)
+                self.hits += 1
+            return body
+
+    def put(self, key: str, body: bytes) -> None:
+        if len(body) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._bodies.pop(key, None)
+            self.size += len(body) - (len(old) if old is not None else 0)
+            self._bodies[key] = body
+            while self.size > self.max_bytes:
+                _, dropped = self._bodies.popitem(last=False)
+                self.size -= len(dropped)
+
+
 class SandboxApi:
     """Request handlers bound to one organisation, engine and settings."""
 
-    def __init__(self, settings: Settings, organisation: Organisation, engine: Engine):
+    def __init__(self, settings: Settings, organisation: Organisation, engine: Engine, *, cache_mb: float = 0):
+        self.cache = ResponseCache(int(cache_mb * 1024 * 1024)) if cache_mb > 0 else None
         self.settings = settings
         self.organisation = organisation
         self.engine = engine
@@ -252,8 +292,24 @@ class SandboxApi:
             raise ApiProblem(400, "invalid_parameter", f"unknown datapoints {unknown}")
         return names
 
+    def _cached(self, request: Request) -> tuple[str | None, Response | None]:
+        # Late corrections change bodies between requests, so they bypass the cache.
+        if self.cache is None or self.engine.corrections is not None:
+            return None, None
+        key = f"{request.url.path}?{request.url.query}"
+        body = self.cache.get(key)
+        return key, (Response(body, media_type="application/json") if body is not None else None)
+
+    def _store(self, key: str | None, body: bytes) -> Response:
+        if key is not None and self.cache is not None:
+            self.cache.put(key, body)
+        return Response(body, media_type="application/json")
+
     async def datapoints(self, request: Request) -> Response:
         self.require_token(request)
+        key, hit = self._cached(request)
+        if hit is not None:
+            return hit
         entity_type = request.scope["route_entity_type"]
         entity_id = request.path_params["entity_id"]
         token = request.query_params.get(self.parameters.resolution, "")
@@ -295,13 +351,16 @@ class SandboxApi:
         ]
         tail = b',"metaData":' + msgspec.json.encode(meta) + b',"nextCursor":' + msgspec.json.encode(next_cursor) + b"}"
         body = await run_in_threadpool(encode_datapoints, frame, categories)
-        return Response(body + tail, media_type="application/json")
+        return self._store(key, body + tail)
 
     async def revenue(self, request: Request) -> Response:
         self.require_token(request)
         product = request.scope["route_product"]
         virtual_asset_id = request.path_params["virtual_asset_id"]
         start, end = self._window(request, "revenue", end_inclusive=False)
+        key, hit = self._cached(request)
+        if hit is not None:
+            return hit
         try:
             buckets = await run_in_threadpool(self.engine.revenue_buckets, virtual_asset_id, product, start, end)
         except KeyError:
@@ -310,7 +369,7 @@ class SandboxApi:
             {"start": isoformat_z(bucket["start"]), "end": isoformat_z(bucket["end"]), "revenue": bucket["revenue"], "currency": "EUR"}
             for bucket in buckets
         ]
-        return json_response(body)
+        return self._store(key, msgspec.json.encode(body))
 
 
 class LatencyMiddleware:
@@ -344,14 +403,16 @@ def create_app(
     *,
     latency_ms: float = 0,
     faults: str | None = None,
+    cache_mb: float = 0,
 ) -> Starlette:
     """Build the sandbox ASGI app for one organisation.
 
     ``latency_ms`` adds a fixed delay to every response, to stand in for a network round trip.
+    ``cache_mb`` keeps up to that many MB of rendered bodies (``ResponseCache``); 0 keeps none.
     ``faults`` is a fault spec (docs/faults.md). Its FaultPlan is ``app.state.fault_plan``
     (None without faults), and a ``corrections`` mode becomes the engine's corrections hook.
     """
-    api = SandboxApi(settings, organisation, engine or Engine(organisation))
+    api = SandboxApi(settings, organisation, engine or Engine(organisation), cache_mb=cache_mb)
     paths = settings.api.paths
     routes = [
         Route(paths.authenticate, _bind(api.authenticate), methods=["POST"]),

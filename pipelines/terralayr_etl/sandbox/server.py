@@ -53,13 +53,16 @@ class SandboxServer:
         faults: str | None = None,
         engine: Engine | None = None,
         app=None,
+        cache_mb: float = 0,
     ):
         self.settings = settings or load_settings()
         self.organisation = organisation or load_organisation()
         self.engine = engine or Engine(self.organisation, seed=seed)
         # An explicit spec (CLI, tests) wins over the organisation's configured one.
         faults = faults if faults is not None else (self.organisation.faults or None)
-        self.app = app or create_app(self.settings, self.organisation, self.engine, latency_ms=latency_ms, faults=faults)
+        self.app = app or create_app(
+            self.settings, self.organisation, self.engine, latency_ms=latency_ms, faults=faults, cache_mb=cache_mb
+        )
         self.host = host
         self._socket = bind_socket(host, port)
         self.port = self._socket.getsockname()[1]
@@ -101,6 +104,7 @@ def serve_forever(
     latency_ms: float = 0,
     virtual_assets: int | None = None,
     faults: str | None = None,
+    cache_mb: float = 0,
 ) -> None:
     """Serve the sandbox in the foreground until interrupted."""
     settings = load_settings()
@@ -109,7 +113,7 @@ def serve_forever(
     else:
         organisation = load_organisation()
     faults = faults if faults is not None else (organisation.faults or None)
-    app = create_app(settings, organisation, Engine(organisation, seed=seed), latency_ms=latency_ms, faults=faults)
+    app = create_app(settings, organisation, Engine(organisation, seed=seed), latency_ms=latency_ms, faults=faults, cache_mb=cache_mb)
     sock = bind_socket(host, port)
     print(f"Sandbox listening on http://{host}:{sock.getsockname()[1]} (organisation {organisation.id})", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
