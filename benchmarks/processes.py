@@ -91,13 +91,16 @@ class _Server:
 class SandboxProcess(_Server):
     """``terralayr-etl sandbox`` on a free 127.0.0.1 port, serving a synthetic organisation."""
 
-    def __init__(self, *, virtual_assets: int, latency_ms: float, env: dict[str, str], log_dir: Path):
+    def __init__(
+        self, *, virtual_assets: int, latency_ms: float, env: dict[str, str], log_dir: Path, cache_mb: float = 0
+    ):
         command = cli_command(
             "sandbox",
             "--host", LOOPBACK,
             "--port", "0",
             "--latency-ms", f"{latency_ms:g}",
             "--virtual-assets", str(virtual_assets),
+            "--cache-mb", f"{cache_mb:g}",
         )  # fmt: skip
         super().__init__(command, env, log_dir, f"sandbox-{virtual_assets}")
         self.base_url = self._wait_for_url()

@@ -58,13 +58,17 @@ class Plan:
 # them on their own with 'terralayr-etl check'. The nightly run (W4) builds and runs them.
 _SKIP = ("--skip-checks",)
 FULL = Plan(
-    w1=BackfillSpec(virtual_assets=20, start=date(2024, 3, 1), days=90, latency_ms=50, extra_arguments=_SKIP),
+    w1=BackfillSpec(
+        virtual_assets=20, start=date(2024, 3, 1), days=90, latency_ms=50, extra_arguments=_SKIP, warm_sandbox=True
+    ),
     w3_short=BackfillSpec(virtual_assets=20, start=date(2024, 1, 1), days=30, latency_ms=50, extra_arguments=_SKIP),
     w3_long=BackfillSpec(virtual_assets=20, start=date(2024, 1, 1), days=360, latency_ms=50, extra_arguments=_SKIP),
     w4=BackfillSpec(virtual_assets=200, start=date(2024, 11, 5), days=1, latency_ms=50, command="run"),
 )
 QUICK = Plan(
-    w1=BackfillSpec(virtual_assets=3, start=date(2024, 3, 30), days=2, latency_ms=5, extra_arguments=_SKIP),
+    w1=BackfillSpec(
+        virtual_assets=3, start=date(2024, 3, 30), days=2, latency_ms=5, extra_arguments=_SKIP, warm_sandbox=True
+    ),
     w3_short=BackfillSpec(virtual_assets=3, start=date(2024, 3, 30), days=1, latency_ms=5, extra_arguments=_SKIP),
     w3_long=BackfillSpec(virtual_assets=3, start=date(2024, 3, 30), days=3, latency_ms=5, extra_arguments=_SKIP),
     w4=BackfillSpec(virtual_assets=6, start=date(2024, 11, 5), days=1, latency_ms=5, command="run"),
@@ -137,6 +141,9 @@ def evaluate_targets(results: dict[str, Any]) -> dict[str, Any]:
             "met": w1["wall_s"] <= bound_s,
             "ratio": round(w1["wall_s"] / bound_s, 2),
         }
+        if "cold" in w1:
+            # The same backfill while the sandbox generates every body on the same two CPUs.
+            targets["W1"]["ratio_with_sandbox_generating"] = round(w1["cold"]["wall_s"] / bound_s, 2)
     if w3:
         growth = w3["rss_360d_mb"] / w3["rss_30d_mb"] - 1 if w3["rss_30d_mb"] else None
         targets["W3"] = {
