@@ -553,6 +553,17 @@ def test_warehouse_virtual_assets_converted_to_mw(warehouse: Warehouse):
     assert json.loads(row[10]) == _virtual_asset()
 
 
+def test_warehouse_failed_insert_raises_its_own_error(warehouse: Warehouse):
+    warehouse.replace_virtual_assets([_virtual_asset()])
+    warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
+
+    # The cause, not DuckDB's refusal to unregister the incoming rows in an aborted transaction.
+    with pytest.raises(duckdb.BinderException, match="delivery_zone"):
+        warehouse.replace_virtual_assets([_virtual_asset()])
+
+    assert warehouse.connection.execute("select count(*) from virtual_assets").fetchone() == (1,)
+
+
 def test_warehouse_replace_virtual_assets_keeps_undiscovered(warehouse: Warehouse):
     other_id = "9e16f4da-6d4c-5454-a2d4-0e45c049d6f7"
     warehouse.replace_virtual_assets([_virtual_asset(), _virtual_asset(other_id)])

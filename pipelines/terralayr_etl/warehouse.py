@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -389,14 +389,11 @@ class Warehouse:
         table = pa.Table.from_pylist(list(by_id.values()), schema=VIRTUAL_ASSET_SCHEMA)
 
         with self._transaction():
-            self.connection.register("_incoming_virtual_assets", table)
-            try:
+            with self._registered("_incoming_virtual_assets", table):
                 self.connection.execute(
                     "delete from virtual_assets where virtual_asset_id in "
                     "(select virtual_asset_id from _incoming_virtual_assets)"
                 )
-            finally:
-                self.connection.unregister("_incoming_virtual_assets")
             self._insert_arrow("virtual_assets", table)
         logger.info("Stored %d virtual assets in %s", table.num_rows, self.path)
 
@@ -417,14 +414,11 @@ class Warehouse:
         )
 
         with self._transaction():
-            self.connection.register("_incoming_members", table)
-            try:
+            with self._registered("_incoming_members", table):
                 self.connection.execute(
                     "delete from entity_members where virtual_asset_id in "
                     "(select virtual_asset_id from _incoming_members)"
                 )
-            finally:
-                self.connection.unregister("_incoming_members")
             self._insert_arrow("entity_members", table)
         logger.info("Stored %d entity members in %s", table.num_rows, self.path)
 
@@ -616,13 +610,27 @@ class Warehouse:
     def _insert_arrow(self, table_name: str, rows: pa.Table, on_conflict: str | None = None) -> None:
         """Insert an Arrow table whose columns match ``table_name`` by name."""
         view = f"_incoming_{table_name}"
-        self.connection.register(view, rows)
-        try:
+        with self._registered(view, rows):
             columns = ", ".join(rows.column_names)
             conflict = f" on conflict {on_conflict}" if on_conflict else ""
             self.connection.execute(f"insert into {table_name} ({columns}) select {columns} from {view}{conflict}")
-        finally:
-            self.connection.unregister(view)
+
+    @contextmanager
+    def _registered(self, name: str, rows: pa.Table) -> Iterator[None]:
+        """Make ``rows`` readable as the view ``name`` inside the block, and unregister it after.
+
+        After a failed statement DuckDB refuses the unregister until the transaction rolls
+        back. The view then stays registered until the next ``register`` of the name replaces
+        it, so that the failed statement's error, which names the cause, is the one raised.
+        """
+        self.connection.register(name, rows)
+        try:
+            yield
+        except BaseException:
+            with suppress(duckdb.Error):
+                self.connection.unregister(name)
+            raise
+        self.connection.unregister(name)
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
