@@ -47,6 +47,7 @@ from terralayr_etl.pipeline import Discovery, Entity, FetchJob, plan_jobs, plan_
 from terralayr_etl.quarantine import Quarantine
 from terralayr_etl.run_report import failure_line
 from terralayr_etl.storage import ParquetStore
+from terralayr_etl.warehouse import Warehouse
 from terralayr_etl.timeutil import local_midnight
 from terralayr_etl.warehouse import Warehouse
 
@@ -400,6 +401,33 @@ def test_cli_failed_window_prints_quarantine_line(org: SmallOrg, prefect_harness
     assert str(quarantine) in errors[0]
     assert "1 windows were not loaded" in errors[0]
     assert "Traceback" not in done.stderr
+
+
+def test_cli_unexpected_error_exit_5_run_marked_failed(org: SmallOrg, prefect_harness, tmp_path) -> None:
+    """A warehouse table changed by hand makes the load fail inside DuckDB: the CLI prints the
+    traceback and one line, exits 5 (not 1, which means a check failed) and the run is failed."""
+    data_dir = tmp_path / "data"
+    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
+        warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
+
+    with serve_small_org(org) as (server, _):
+        env = cli_env(org, server.base_url, PREFECT_API_URL=harness_api_url())
+        done = run_cli(["run", "--start", START.isoformat(), "--end", END.isoformat(), "--data-dir", str(data_dir)], env)
+
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 5, done.stderr[-3000:]
+    assert "Traceback" in done.stderr
+    assert len(errors) == 1
+    assert "stopped on an unexpected BinderException" in errors[0]
+    assert "delivery_zone" in errors[0]
+    assert "runs table says failed" in errors[0]
+    assert org.organisation.password not in done.stderr + done.stdout
+    connection = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
+    try:
+        statuses = connection.execute("select status from runs").fetchall()
+    finally:
+        connection.close()
+    assert statuses == [("failed",)]
 
 
 @pytest.mark.parametrize(

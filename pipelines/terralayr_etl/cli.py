@@ -8,6 +8,10 @@ Exit status:
   locked warehouse), printed as one line on stderr without a traceback.
 - 3: the run finished but left windows or virtual assets out. One line on stderr reports it and
   names the quarantine folder with the details.
+- 4: every window loaded and every check passed, but some payloads loaded only on a re-fetch.
+- 5: the command stopped on an unexpected error (a bug, a DuckDB or operating-system failure).
+  The traceback and one line naming the error are on stderr; a run that had started is
+  marked failed in the runs table.
 """
 
 from __future__ import annotations
@@ -238,11 +242,31 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
+    except Exception as exc:
         import click
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, click.ClickException):  # usage errors
             exc.show()
             sys.exit(exc.exit_code)
-        raise
+        sys.exit(_report_crash(exc))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+CRASH_EXIT_STATUS = 5
+
+
+def _report_crash(exc: Exception) -> int:
+    """Print the traceback of an unexpected error and one line that says what to do next."""
+    import traceback
+
+    traceback.print_exception(exc)
+    # DuckDB's messages span several lines (the statement, a caret); the summary stays one line.
+    message = " ".join(str(exc).split())
+    typer.echo(
+        f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {message}. If a run had "
+        "started, its row in the runs table says failed and the batches it committed stay loaded. "
+        "Fix the cause and run the same command again (a re-run adds no duplicates), or report the "
+        "traceback above if the error persists.",
+        err=True,
+    )
+    return CRASH_EXIT_STATUS
