@@ -425,6 +425,33 @@ def test_warehouse_lock_held_by_other_process(tmp_path: Path):
         assert reopened.connection.execute("select 1").fetchone() == (1,)
 
 
+def test_warehouse_held_by_plain_duckdb_process_is_locked_error(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    script = "import duckdb, sys\nconnection = duckdb.connect(sys.argv[1])\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+    holder = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+
+        with pytest.raises(WarehouseLockedError, match="Conflicting lock"):
+            Warehouse(path)
+    finally:
+        holder.communicate("done\n", timeout=30)
+
+
+def test_warehouse_file_that_is_not_duckdb_names_the_fix(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    path.write_bytes(b"not a database")
+
+    with pytest.raises(TerralayrError) as caught:
+        Warehouse(path)
+
+    assert not isinstance(caught.value, WarehouseLockedError)
+    assert str(path) in str(caught.value)
+    assert "not a valid DuckDB database file" in str(caught.value)
+    assert "Move the file aside" in str(caught.value)
+    assert path.read_bytes() == b"not a database"
+
+
 def test_warehouse_lock_timeout_waits_for_release(tmp_path: Path):
     path = tmp_path / "warehouse.duckdb"
     script = _HOLD_LOCK_SCRIPT.replace("sys.stdin.readline()", "import time; time.sleep(0.5)")

@@ -167,9 +167,15 @@ class Warehouse:
             if connection is not None:
                 connection.close()
             self._lock.release()
-            if isinstance(exc, duckdb.IOException):
+            if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
                 # DuckDB's own file lock is held, for example by a DuckDB shell outside terralayr-etl.
                 raise WarehouseLockedError(f"{_locked_message(self.path, None)} (DuckDB: {exc})") from None
+            if isinstance(exc, duckdb.IOException):
+                # Not a DuckDB file, or one this DuckDB version cannot read.
+                raise TerralayrError(
+                    f"cannot open the warehouse {self.path}: {str(exc).rstrip('!. ')}. Move the file aside and run again: a new "
+                    "warehouse is created, and a backfill over the same days fills it again"
+                ) from None
             raise
         self._closed = False
         logger.info("Opened warehouse %s", self.path)
