@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -330,3 +334,22 @@ def test_response_cache_drops_least_recently_used_bodies():
     assert cache.get("too-large") is None
     assert (cache.get("a"), cache.get("c")) == (b"aaaa", b"cccc")
     assert cache.size == 8
+
+
+def test_sandbox_command_says_when_it_stops(tmp_path):
+    executable = Path(sys.executable).with_name("terralayr-etl")
+    output = tmp_path / "sandbox.out"
+    with output.open("w") as handle:
+        process = subprocess.Popen([str(executable), "sandbox", "--port", "0"], stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "Sandbox listening on" not in output.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        url = output.read_text().split("Sandbox listening on ", 1)[1].split()[0]
+        assert httpx.get(f"{url}/organisations/x/virtual-assets", timeout=10).status_code == 401
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+    assert process.returncode == 0, output.read_text()
+    assert f"Sandbox on {url} stopped" in output.read_text()

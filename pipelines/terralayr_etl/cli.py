@@ -203,16 +203,16 @@ def exit_code(summary: dict) -> int:
 
 
 def _print_checks(by_check: dict, passed: int, failed: int) -> None:
-    typer.echo(f"Checks: {passed} passed, {failed} failed")
+    typer.echo(f"Checks: {passed:,} passed, {failed:,} failed")
     for name, counts in sorted(by_check.items()):
-        typer.echo(f"  {name:<40} pass {counts.get('pass', 0):>7}  fail {counts.get('fail', 0):>5}")
+        typer.echo(f"  {name:<40} pass {counts.get('pass', 0):>9,}  fail {counts.get('fail', 0):>7,}")
 
 
 def _print_run(summary: dict) -> None:
     typer.echo(
         f"Run {summary['run_id']} ({summary['status']}): local days {summary['start']} to {summary['end']} (exclusive), "
-        f"{summary['windows']} windows, {summary['requests']} requests, {summary['retries']} retries, "
-        f"{summary['rows_loaded']} rows loaded"
+        f"{summary['windows']:,} windows, {summary['requests']:,} requests, {summary['retries']:,} retries, "
+        f"{summary['rows_loaded']:,} rows loaded"
     )
     from terralayr_etl.run_report import describe_recovered_problems
 

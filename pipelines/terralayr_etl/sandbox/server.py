@@ -115,6 +115,12 @@ def serve_forever(
     faults = faults if faults is not None else (organisation.faults or None)
     app = create_app(settings, organisation, Engine(organisation, seed=seed), latency_ms=latency_ms, faults=faults, cache_mb=cache_mb)
     sock = bind_socket(host, port)
-    print(f"Sandbox listening on http://{host}:{sock.getsockname()[1]} (organisation {organisation.id})", flush=True)
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    print(f"Sandbox listening on {url} (organisation {organisation.id})", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn shuts down on Ctrl+C, then raises it again; stopping is how a server ends.
+        pass
+    print(f"Sandbox on {url} stopped", flush=True)
