@@ -26,3 +26,18 @@ def test_settings_reject_unsafe_member_id(tmp_path: Path, unsafe: str):
 
     assert unsafe in str(raised.value)
     assert "virtual asset id" in str(raised.value)
+
+
+@pytest.mark.parametrize("key", ["load_batch_rows", "check_chunk_rows"])
+def test_settings_reject_zero_rows_per_step(tmp_path: Path, key: str):
+    shutil.copytree(CONFIG_DIR, tmp_path / "config")
+    path = tmp_path / "config" / "terralayr.toml"
+    text = path.read_text()
+    line = next(line for line in text.splitlines() if line.startswith(f"{key} = "))
+    path.write_text(text.replace(line, f"{key} = 0", 1))
+
+    with pytest.raises(TerralayrError) as raised:
+        load_settings(path)
+
+    assert f"pipeline.{key}" in str(raised.value)
+    assert str(path) in str(raised.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import uuid
@@ -34,6 +35,7 @@ from robust_support import (
     run_cli,
     serve_small_org,
     wait_for,
+    warehouse_digest,
     write_small_org,
 )
 
@@ -401,6 +403,30 @@ def test_cli_failed_window_prints_quarantine_line(org: SmallOrg, prefect_harness
     assert str(quarantine) in errors[0]
     assert "1 windows were not loaded" in errors[0]
     assert "Traceback" not in done.stderr
+
+
+def test_flow_takes_load_batch_and_check_chunk_sizes_from_config(
+    org: SmallOrg, prefect_harness, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tiny = write_small_org(tmp_path / "config", pipeline={"load_batch_rows": 1, "check_chunk_rows": 1})
+    caplog.set_level(logging.INFO)
+    with serve_small_org(tiny) as (server, _):
+        small_steps = _run(tiny, server, tmp_path / "tiny", start=START, end=END)
+    tiny_log = caplog.text
+    caplog.clear()
+    with serve_small_org(org) as (server, _):
+        default = _run(org, server, tmp_path / "default", start=START, end=END)
+
+    # One batch per Parquet file, one chunk per local day; the same rows and check results.
+    loaded = re.search(r"from (\d+) Parquet files in (\d+) batches", tiny_log)
+    assert loaded is not None and loaded.group(1) == loaded.group(2) != "1"
+    assert f"check tables in {(END - START).days} chunks of days" in tiny_log
+    assert "chunks of days" not in caplog.text
+    assert small_steps["rows_loaded"] == default["rows_loaded"] > 0
+    assert small_steps["checks"]["by_check"] == default["checks"]["by_check"]
+    assert warehouse_digest(tmp_path / "tiny" / "warehouse.duckdb") == warehouse_digest(
+        tmp_path / "default" / "warehouse.duckdb"
+    )
 
 
 def test_cli_unexpected_error_exit_5_run_marked_failed(org: SmallOrg, prefect_harness, tmp_path) -> None:

@@ -135,14 +135,16 @@ def backfill(
 @app.command()
 def check(data_dir: DataDirOption = None) -> None:
     """Rebuild the SQL models and re-run the checks; exit 1 when any check fails."""
+    from terralayr_etl.config import load_settings
     from terralayr_etl.models import run_checks, run_models
     from terralayr_etl.warehouse import Warehouse
 
     path = _data_dir(data_dir) / "warehouse.duckdb"
     if not path.exists():
         raise TerralayrError(f"warehouse {path} not found; run 'terralayr-etl run' or 'terralayr-etl demo' first")
+    chunk_rows = load_settings().pipeline.check_chunk_rows
     with Warehouse(path) as warehouse:
-        run_models(warehouse.connection)
+        run_models(warehouse.connection, chunk_rows=chunk_rows)
         summary = run_checks(warehouse.connection)
     _print_checks(summary.by_check, summary.passed, summary.failed)
     raise typer.Exit(0 if summary.failed == 0 else 1)

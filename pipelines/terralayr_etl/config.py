@@ -114,6 +114,10 @@ class PipelineSettings(_Strict):
     """Extra fetches of a window whose response could not be parsed or lacks a requested category."""
     windows_per_task: int = Field(default=16, ge=1, le=10_000)
     """Request windows of one entity fetched one after another by one Prefect task run."""
+    load_batch_rows: int = Field(default=8_000_000, ge=1)
+    """Parquet rows loaded into DuckDB by one batch, which commits on its own."""
+    check_chunk_rows: int = Field(default=500_000, ge=1)
+    """Stored data-point rows the checks compare at a time, rounded to whole local days."""
 
     @field_validator("resolutions")
     @classmethod

@@ -34,7 +34,7 @@ from terralayr_etl.config import ENTITY_TYPES, Settings, load_credentials, load_
 from terralayr_etl.batches import fetch_batch, is_transient, plan_batches
 from terralayr_etl.errors import TerralayrError
 from terralayr_etl.fetching import fetch_window
-from terralayr_etl.models import run_checks, run_models
+from terralayr_etl.models import CHECK_CHUNK_ROWS, run_checks, run_models
 from terralayr_etl.pipeline import (
     Discovery,
     FetchJob,
@@ -147,14 +147,16 @@ def load_task(warehouse: Warehouse, discovery: Discovery, results: list[WindowRe
 
 
 @task(name="model-and-check", cache_policy=NO_CACHE, persist_result=False)
-def model_and_check_task(warehouse: Warehouse, check_days: tuple[date, date], skip: bool = False) -> dict:
+def model_and_check_task(
+    warehouse: Warehouse, check_days: tuple[date, date], skip: bool = False, chunk_rows: int = CHECK_CHUNK_ROWS
+) -> dict:
     if skip:
         # The models read the whole warehouse, so a long backfill can defer them to one
         # 'terralayr-etl check' at the end instead of paying for them on every run.
         get_run_logger().info("Skipped the SQL models and checks; run 'terralayr-etl check' to build and run them")
         return {"total": 0, "passed": 0, "failed": 0, "by_check": {}, "failing_rows": [], "skipped": True}
     # The checks compare only the run's days, so their cost follows the run, not the warehouse.
-    built = run_models(warehouse.connection, check_days=check_days)
+    built = run_models(warehouse.connection, check_days=check_days, chunk_rows=chunk_rows)
     summary = run_checks(warehouse.connection)
     get_run_logger().info(
         "Built %d models; checks: %d passed, %d failed", len(built), summary.passed, summary.failed
@@ -250,7 +252,11 @@ def nightly(
     store = ParquetStore(data_path)
     store.clean_temp_files()
     quarantine = Quarantine(data_path, run_id)
-    with Warehouse(data_path / "warehouse.duckdb") as warehouse, ApiClient(settings, credentials) as client:
+    warehouse_path = data_path / "warehouse.duckdb"
+    with (
+        Warehouse(warehouse_path, rows_per_batch=settings.pipeline.load_batch_rows) as warehouse,
+        ApiClient(settings, credentials) as client,
+    ):
         killed = warehouse.mark_unfinished_runs("killed")
         if killed:
             log.warning("Marked %d runs left as running by a stopped process as killed: %s", len(killed), ", ".join(killed))
@@ -278,7 +284,9 @@ def nightly(
             rows = load_task(warehouse, discovery, results, boundary.files)
             failed_series = sorted({failure.job.series_key() for failure in failures})
             warehouse.update_watermarks(resolutions, exclude=failed_series)
-            checks = model_and_check_task(warehouse, (_first_day(jobs, span), span.end_day), skip_checks)
+            checks = model_and_check_task(
+                warehouse, (_first_day(jobs, span), span.end_day), skip_checks, settings.pipeline.check_chunk_rows
+            )
         except BaseException:
             warehouse.finish_run(run_id, status="failed", windows=0, requests=client.stats.requests,
                                  retries=client.stats.retries, rows=0, check_summary={})

@@ -139,13 +139,15 @@ class Warehouse:
 
     connection: duckdb.DuckDBPyConnection
 
-    def __init__(self, path: Path, *, lock_timeout_seconds: float = 0):
+    def __init__(self, path: Path, *, lock_timeout_seconds: float = 0, rows_per_batch: int | None = None):
         """Lock and open the warehouse, creating the file and its tables if missing.
 
         ``lock_timeout_seconds`` is how long to wait for another process to release the
-        lock: 0 fails at once, a negative value waits indefinitely.
+        lock: 0 fails at once, a negative value waits indefinitely. ``rows_per_batch`` caps
+        the Parquet rows of one load batch (``pipeline.load_batch_rows``; None: ROWS_PER_BATCH).
         """
         self.path = Path(path)
+        self.rows_per_batch = rows_per_batch
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(
@@ -207,7 +209,7 @@ class Warehouse:
         Each key must occur once in all ``files`` together, as ParquetStore writes them (one
         file per entity and block), because a key repeated in the files is inserted twice.
 
-        The files load in batches of at most ROWS_PER_BATCH rows and FILES_PER_STATEMENT
+        The files load in batches of at most ``rows_per_batch`` rows and FILES_PER_STATEMENT
         files, in month order, and each batch commits on its own. A batch whose periods and
         entities the table already contains first deletes the stored rows of its keys. When a
         batch fails, it rolls back and the batches before it stay loaded; loading the same
@@ -216,10 +218,11 @@ class Warehouse:
         paths = _resolved_paths(files)
         if not paths:
             return 0
-        written = replaced = 0
+        written = replaced = batches = 0
         find_replaced = ""
         with self._load_settings():
             for index, (batch, keys) in enumerate(self._batches(paths)):
+                batches += 1
                 with self._transaction():
                     if index == 0:
                         # New labels of any batch widen the ENUMs once, with the first batch.
@@ -232,8 +235,8 @@ class Warehouse:
                 replaced += deleted
                 written += result[0] if result else 0
         logger.info(
-            "Loaded %d data-point rows (%d replaced stored rows) from %d Parquet files into %s",
-            written, replaced, len(paths), self.path,
+            "Loaded %d data-point rows (%d replaced stored rows) from %d Parquet files in %d batches into %s",
+            written, replaced, len(paths), batches, self.path,
         )  # fmt: skip
         return written
 
@@ -309,18 +312,19 @@ class Warehouse:
         return list(row[0] or []) if row else []
 
     def _batches(self, paths: list[str]) -> Iterator[tuple[list[str], _KeyRange]]:
-        """Group ``paths`` by month partition into batches of at most ROWS_PER_BATCH rows and FILES_PER_STATEMENT files.
+        """Group ``paths`` by month partition into batches of at most ``rows_per_batch`` rows and FILES_PER_STATEMENT files.
 
         A batch never spans two months, and a single file larger than the limit forms a batch
         of its own. The files' statistics come from their Parquet footers, read once.
         """
+        max_rows = self.rows_per_batch or ROWS_PER_BATCH
         statistics = {row[0]: _KeyRange(*row[1:]) for row in self.connection.execute(FILE_STATISTICS, {"files": paths}).fetchall()}
         for _, month_paths in itertools.groupby(sorted(paths, key=lambda path: (_month_partition(path), path)), key=_month_partition):
             batch: list[str] = []
             keys = _KeyRange()
             for path in month_paths:
                 file = statistics.get(path, _NO_STATISTICS)
-                if batch and (keys.rows + (file.rows or 0) > ROWS_PER_BATCH or len(batch) == FILES_PER_STATEMENT):
+                if batch and (keys.rows + (file.rows or 0) > max_rows or len(batch) == FILES_PER_STATEMENT):
                     yield batch, keys
                     batch, keys = [], _KeyRange()
                 batch.append(path)
