@@ -377,13 +377,15 @@ def test_warehouse_load_empty_list_returns_zero(warehouse: Warehouse):
     assert warehouse.load_revenue_buckets([]) == 0
 
 
-def test_warehouse_revenue_buckets_upsert(tmp_path: Path, warehouse: Warehouse):
+def test_warehouse_revenue_buckets_upsert(tmp_path: Path, warehouse: Warehouse, caplog: pytest.LogCaptureFixture):
     store = ParquetStore(tmp_path)
     warehouse.load_revenue_buckets(store.write_revenue_buckets(_buckets(10.0)))
+    caplog.set_level("INFO", logger=warehouse_module.__name__)
 
     loaded = warehouse.load_revenue_buckets(store.write_revenue_buckets(_buckets(50.0)))
 
     assert loaded == 3
+    assert "Loaded 3 revenue-bucket rows (3 replaced stored rows)" in caplog.text
     rows = warehouse.connection.execute(
         "select product, revenue_eur from revenue_buckets order by bucket_start"
     ).fetchall()

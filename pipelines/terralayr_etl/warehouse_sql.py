@@ -111,6 +111,7 @@ _DATAPOINT_HIVE_TYPES = "{'resolution': 'VARCHAR', 'entity_type': 'VARCHAR', 'mo
 _BUCKET_HIVE_TYPES = "{'product': 'VARCHAR', 'month': 'VARCHAR'}"
 
 _READ_DATAPOINT_FILES = f"read_parquet($files, hive_partitioning = true, hive_types = {_DATAPOINT_HIVE_TYPES})"
+_READ_BUCKET_FILES = f"read_parquet($files, hive_partitioning = true, hive_types = {_BUCKET_HIVE_TYPES})"
 
 KEY_COLUMNS = ("entity_type", "entity_id", "resolution", "category")
 """The datapoints key columns besides period_start, which find_replaced_datapoints casts."""
@@ -202,10 +203,17 @@ select {", ".join(DATAPOINTS_COLUMNS)}
 from {_READ_DATAPOINT_FILES}
 """
 
+STORED_BUCKETS_IN_FILES = f"""
+select count(*)
+from revenue_buckets as stored
+semi join (select distinct entity_id, product, bucket_start from {_READ_BUCKET_FILES}) as incoming
+    using (entity_id, product, bucket_start)
+"""
+
 UPSERT_REVENUE_BUCKETS = f"""
 insert into revenue_buckets
 select entity_id, product, bucket_start, bucket_end, revenue_eur, currency, run_id, fetched_at, endpoint
-from read_parquet($files, hive_partitioning = true, hive_types = {_BUCKET_HIVE_TYPES})
+from {_READ_BUCKET_FILES}
 on conflict (entity_id, product, bucket_start) do update set
     bucket_end = excluded.bucket_end,
     revenue_eur = excluded.revenue_eur,
