@@ -430,8 +430,9 @@ def test_flow_takes_load_batch_and_check_chunk_sizes_from_config(
 
 
 def test_cli_unexpected_error_exit_5_run_marked_failed(org: SmallOrg, prefect_harness, tmp_path) -> None:
-    """A warehouse table changed by hand makes the load fail inside DuckDB: the CLI prints the
-    traceback and one line, exits 5 (not 1, which means a check failed) and the run is failed."""
+    """A warehouse table changed by hand makes the load fail inside DuckDB: the CLI exits 5 (not
+    1, which means a check failed), its last line names the error and the run, the traceback
+    appears once, and the run's row says failed with the error."""
     data_dir = tmp_path / "data"
     with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
         warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
@@ -440,20 +441,36 @@ def test_cli_unexpected_error_exit_5_run_marked_failed(org: SmallOrg, prefect_ha
         env = cli_env(org, server.base_url, PREFECT_API_URL=harness_api_url())
         done = run_cli(["run", "--start", START.isoformat(), "--end", END.isoformat(), "--data-dir", str(data_dir)], env)
 
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 5, done.stderr[-3000:]
-    assert "Traceback" in done.stderr
-    assert len(errors) == 1
-    assert "stopped on an unexpected BinderException" in errors[0]
-    assert "delivery_zone" in errors[0]
-    assert "runs table says failed" in errors[0]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: terralayr-etl stopped on an unexpected BinderException")
+    assert "delivery_zone" in last
     assert org.organisation.password not in done.stderr + done.stdout
     connection = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
     try:
-        statuses = connection.execute("select status from runs").fetchall()
+        run_id, status, windows, report = connection.execute("select run_id, status, windows, report from runs").fetchone()
     finally:
         connection.close()
-    assert statuses == [("failed",)]
+    assert status == "failed"
+    assert f"Run {run_id} is marked failed in the runs table of {data_dir / 'warehouse.duckdb'}." in last
+    assert windows > 0
+    assert json.loads(report)["error"].startswith("BinderException: ")
+    # Prefect logs the traceback for the task run and the flow run; the CLI adds none.
+    assert done.stderr.count("Traceback (most recent call last)") == 2
+
+
+def test_cli_check_on_changed_table_names_the_table(org: SmallOrg, tmp_path) -> None:
+    data_dir = tmp_path / "data"
+    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
+        warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
+
+    done = run_cli(["check", "--data-dir", str(data_dir)], cli_env(org, "http://127.0.0.1:9"))
+
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert lines[-1].startswith("error: SQL model stg_virtual_assets")
+    assert "delivery_zone" in lines[-1]
+    assert "a warehouse table it reads is missing or was changed by hand" in lines[-1]
 
 
 @pytest.mark.parametrize(

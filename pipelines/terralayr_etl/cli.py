@@ -10,8 +10,8 @@ Exit status:
   names the quarantine folder with the details.
 - 4: every window loaded and every check passed, but some payloads loaded only on a re-fetch.
 - 5: the command stopped on an unexpected error (a bug, a DuckDB or operating-system failure).
-  The traceback and one line naming the error are on stderr; a run that had started is
-  marked failed in the runs table.
+  The traceback and one line naming the error and the run are on stderr; the run's row in
+  the runs table says failed.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def check(data_dir: DataDirOption = None) -> None:
     with Warehouse(path) as warehouse:
         run_models(warehouse.connection, chunk_rows=chunk_rows)
         summary = run_checks(warehouse.connection)
-    _print_checks(summary.by_check, summary.passed, summary.failed)
+    print_checks(summary.by_check, summary.passed, summary.failed)
     raise typer.Exit(0 if summary.failed == 0 else 1)
 
 
@@ -200,19 +200,20 @@ def exit_code(summary: dict) -> int:
     from terralayr_etl.run_report import exit_status, failure_line
 
     if summary["status"] == "failed":
-        typer.echo(f"error: {failure_line(summary)}", err=True)
+        say_last(f"error: {failure_line(summary)}")
     return exit_status(summary)
 
 
-def _print_checks(by_check: dict, passed: int, failed: int) -> None:
+def print_checks(by_check: dict, passed: int, failed: int) -> None:
+    """Print the check totals and one line per check with its passed and failed comparisons."""
     typer.echo(f"Checks: {passed:,} passed, {failed:,} failed")
     for name, counts in sorted(by_check.items()):
-        typer.echo(f"  {name:<40} pass {counts.get('pass', 0):>9,}  fail {counts.get('fail', 0):>7,}")
+        typer.echo(f"  {name:<44} pass {counts.get('pass', 0):>9,}  fail {counts.get('fail', 0):>7,}")
 
 
 def _print_run(summary: dict) -> None:
     typer.echo(
-        f"Run {summary['run_id']} ({summary['status']}): local days {summary['start']} to {summary['end']} (exclusive), "
+        f"Run {summary['run_id']} ({summary['status']}): local days {summary['start']} to {summary['end']} (end exclusive), "
         f"{summary['windows']:,} windows, {summary['requests']:,} requests, {summary['retries']:,} retries, "
         f"{summary['rows_loaded']:,} rows loaded"
     )
@@ -224,11 +225,32 @@ def _print_run(summary: dict) -> None:
     if checks.get("skipped"):
         typer.echo("Checks: skipped (--skip-checks); run 'terralayr-etl check' to build the models and run them")
         return
-    _print_checks(checks["by_check"], checks["passed"], checks["failed"])
+    print_checks(checks["by_check"], checks["passed"], checks["failed"])
+
+
+_CLOSING_LINES: list[str] = []
+
+
+def say_last(line: str) -> None:
+    """Print ``line`` on stderr as the process's last line, after Prefect's shutdown log lines.
+
+    Prefect stops its temporary server in an exit handler, which logs after the command has
+    returned. Exit handlers run in reverse order of registration, and ``main`` registers the
+    one that prints these lines before Prefect is imported, so it runs last.
+    """
+    _CLOSING_LINES.append(line)
+
+
+def _print_closing_lines() -> None:
+    for line in _CLOSING_LINES:
+        typer.echo(line, err=True)
 
 
 def main() -> None:
     """Entry point: run the CLI, turning project errors into one line and exit status 2."""
+    import atexit
+
+    atexit.register(_print_closing_lines)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per HTTP request drowns the progress lines; retries and errors are logged by the client.
     for noisy in ("httpx", "httpcore"):
@@ -237,7 +259,7 @@ def main() -> None:
         # Without standalone mode, click returns the code of a raised typer.Exit instead of exiting.
         code = app(standalone_mode=False)
     except TerralayrError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        say_last(" ".join([f"error: {exc}", *_run_notes(exc)]))
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -257,18 +279,36 @@ def main() -> None:
 CRASH_EXIT_STATUS = 5
 
 
+def _run_notes(exc: BaseException) -> list[str]:
+    """Return the notes in which the flow names the run that ``exc`` stopped, as sentences."""
+    flows = sys.modules.get("terralayr_etl.flows")  # not imported: no run started
+    if flows is None:
+        return []
+    prefix = flows.RUN_NOTE_PREFIX
+    return [f"Run {note.removeprefix(prefix)}." for note in getattr(exc, "__notes__", []) if note.startswith(prefix)]
+
+
 def _report_crash(exc: Exception) -> int:
     """Print the traceback of an unexpected error and one line that says what to do next."""
     import traceback
 
-    traceback.print_exception(exc)
+    run_notes = _run_notes(exc)
+    if run_notes:
+        # The flow run has logged the traceback already.
+        where = "the traceback in the flow run's log above"
+    else:
+        traceback.print_exception(exc)
+        where = "the traceback above"
     # DuckDB's messages span several lines (the statement, a caret); the summary stays one line.
     message = " ".join(str(exc).split())
-    typer.echo(
-        f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {message}. If a run had "
-        "started, its row in the runs table says failed and the batches it committed stay loaded. "
-        "Fix the cause and run the same command again (a re-run adds no duplicates), or report the "
-        "traceback above if the error persists.",
-        err=True,
+    say_last(
+        " ".join(
+            [
+                f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {message}.",
+                *run_notes,
+                "What the run committed before the error stays loaded. Fix the cause and run the same "
+                f"command again (a re-run adds no duplicates), or report {where} if the error persists.",
+            ]
+        )
     )
     return CRASH_EXIT_STATUS

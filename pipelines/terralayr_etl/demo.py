@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from datetime import date
 from pathlib import Path
 
 import duckdb
 
+from terralayr_etl.cli import print_checks, say_last
 from terralayr_etl.config import load_settings
 from terralayr_etl.run_report import describe_recovered_problems, exit_status, failure_line
 from terralayr_etl.sandbox.organisation import load_organisation
@@ -16,7 +16,7 @@ from terralayr_etl.sandbox.server import SandboxServer
 
 
 def run_demo(*, start: date, end: date, data_dir: Path, faults: str | None = None) -> int:
-    """Run the pipeline against the sandbox for local days ``[start, end)``; return the exit code."""
+    """Run the pipeline against the sandbox for local days ``[start, end)``; return the exit status."""
     organisation = load_organisation()
     settings = load_settings()
     with SandboxServer(settings, organisation, faults=faults) as sandbox:
@@ -33,7 +33,7 @@ def run_demo(*, start: date, end: date, data_dir: Path, faults: str | None = Non
 
     print_summary(summary, data_dir)
     if summary["status"] == "failed":
-        print(f"error: {failure_line(summary)}", file=sys.stderr)
+        say_last(f"error: {failure_line(summary)}")
     return exit_status(summary)
 
 
@@ -56,7 +56,7 @@ def print_summary(summary: dict, data_dir: Path) -> None:
     checks = summary["checks"]
     print()
     print(f"Run {summary['run_id']} ({summary['status']}): local days {summary['start']} to {summary['end']} (end exclusive)")
-    print(f"  {summary['windows']} request windows, {summary['requests']} requests, {summary['retries']} retries")
+    print(f"  {summary['windows']:,} request windows, {summary['requests']:,} requests, {summary['retries']:,} retries")
     print("Entities:")
     for entity_type, count in entities:
         print(f"  {entity_type:<16} {count:>6}")
@@ -66,8 +66,6 @@ def print_summary(summary: dict, data_dir: Path) -> None:
     print(f"Rows in revenue_buckets: {buckets:,}")
     for line in describe_recovered_problems(summary.get("report") or {}):
         print(line)
-    print(f"Checks: {checks['passed']:,} passed, {checks['failed']:,} failed")
-    for name, counts in sorted(checks["by_check"].items()):
-        print(f"  {name:<44} pass {counts.get('pass', 0):>7,}  fail {counts.get('fail', 0):>5,}")
+    print_checks(checks["by_check"], checks["passed"], checks["failed"])
     print(f"Parquet dataset: {(data_dir / 'parquet').resolve()}")
     print(f"DuckDB warehouse: {warehouse_path.resolve()}")

@@ -85,6 +85,9 @@ class _Runtime:
     refetch_attempts: int
 
 
+RUN_NOTE_PREFIX = "terralayr-etl run "
+"""Start of the note that a run which stopped on an error adds to that error."""
+
 _RUNTIMES: dict[str, _Runtime] = {}
 _RUNTIMES_LOCK = threading.Lock()
 
@@ -270,6 +273,7 @@ def nightly(
             "datapoint_paths": {entity_type: settings.api.paths.datapoints(entity_type) for entity_type in ENTITY_TYPES},
         }
         warehouse.start_run(run_id, __version__, parameters)
+        jobs: list[FetchJob] = []
         with _RUNTIMES_LOCK:
             _RUNTIMES[run_id] = _Runtime(client, store, quarantine, settings.pipeline.refetch_attempts)
         try:
@@ -287,9 +291,13 @@ def nightly(
             checks = model_and_check_task(
                 warehouse, (_first_day(jobs, span), span.end_day), skip_checks, settings.pipeline.check_chunk_rows
             )
-        except BaseException:
-            warehouse.finish_run(run_id, status="failed", windows=0, requests=client.stats.requests,
-                                 retries=client.stats.retries, rows=0, check_summary={})
+        except BaseException as exc:
+            warehouse.finish_run(
+                run_id, status="failed", windows=len(jobs), requests=client.stats.requests, retries=client.stats.retries,
+                rows=0, check_summary={}, report={"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"},
+            )  # fmt: skip
+            # The CLI's closing line names the run from this note.
+            exc.add_note(f"{RUN_NOTE_PREFIX}{run_id} is marked failed in the runs table of {warehouse.path}")
             raise
         finally:
             with _RUNTIMES_LOCK:

@@ -472,8 +472,9 @@ def _build_model(connection: duckdb.DuckDBPyConnection, model: Model) -> None:
         connection.execute(f'create or replace {model.materialized} "{model.name}" as\n{model.sql}\n')
     except duckdb.Error as exc:
         raise ModelError(
-            f"SQL model {model.name} ({model.path}) failed to build: {exc}; "
-            "fix the SQL, or load the warehouse tables it reads first"
+            f"SQL model {model.name} ({model.path}) failed to build: {' '.join(str(exc).split())}. If the SQL "
+            "is as shipped, a warehouse table it reads is missing or was changed by hand: compare it "
+            "with docs/data-model.md, or load the warehouse with 'terralayr-etl run' first. Otherwise fix the SQL"
         ) from exc
     log.debug("Built %s %s in %.2f s", model.materialized, model.name, time.perf_counter() - started)
 
