@@ -59,7 +59,7 @@ def test_flow_quarter_hours_per_local_day(two_dst_windows):
     data_dir, *_ = two_dst_windows
     connection = _connect(data_dir)
     try:
-        frame = connection.execute(
+        frame = connection.sql(
             """
             select d.entity_id, d.category,
                    cast(timezone('Europe/Berlin', d.period_start) as date) as local_day,

@@ -102,8 +102,9 @@ def _attach_owner(candidates: pl.DataFrame, datapoint_results: Sequence[WindowRe
             "owner_end": pl.Datetime("us", "UTC"),
         },
     ).sort("owner_start")
+    # Both sides are sorted on the join keys above; polars cannot verify that with `by` groups.
     joined = candidates.sort("period_start").join_asof(
-        windows, left_on="period_start", right_on="owner_start", by=_SERIES, strategy="backward"
+        windows, left_on="period_start", right_on="owner_start", by=_SERIES, strategy="backward", check_sortedness=False
     )
     return joined.filter(pl.col("owner_end").is_not_null() & (pl.col("period_start") < pl.col("owner_end"))).drop(
         "owner_end"
