@@ -5,7 +5,7 @@ Exit status:
 - 0: the run loaded every window and every check passed.
 - 1: a check failed.
 - 2: a user error (bad config, missing credentials, wrong password, unknown resolution, a
-  locked warehouse), printed as one line on stderr without a traceback.
+  locked warehouse) or a full disk, printed as one line on stderr without a traceback.
 - 3: the run finished but left windows or virtual assets out. One line on stderr reports it and
   names the quarantine folder with the details.
 - 4: every window loaded and every check passed, but some payloads loaded only on a re-fetch.
@@ -289,19 +289,39 @@ def _run_notes(exc: BaseException) -> list[str]:
 
 
 def _report_crash(exc: Exception) -> int:
-    """Print the traceback of an unexpected error and one line that says what to do next."""
+    """Print the traceback of an unexpected error and one line that says what to do next.
+
+    A full disk is no bug: it gets one line without a traceback and exit status 2.
+    """
     import traceback
 
     run_notes = _run_notes(exc)
-    if run_notes:
-        # The flow run has logged the traceback already.
-        where = "the traceback in the flow run's log above"
-    else:
+    line, status = crash_line(exc, run_notes)
+    if status == CRASH_EXIT_STATUS and not run_notes:
+        # Without a run note no flow run has logged the traceback.
         traceback.print_exception(exc)
-        where = "the traceback above"
+    say_last(line)
+    return status
+
+
+def crash_line(exc: BaseException, run_notes: list[str]) -> tuple[str, int]:
+    """Return the closing line for an error no other handler took, and the exit status."""
     # DuckDB's messages span several lines (the statement, a caret); the summary stays one line.
     message = " ".join(str(exc).split())
-    say_last(
+    if _is_disk_full(exc):
+        return (
+            " ".join(
+                [
+                    f"error: no space left on the device: {message}.",
+                    *run_notes,
+                    "Free disk space there and run the same command again: what the run committed "
+                    "before stays loaded, and a re-run adds no duplicates.",
+                ]
+            ),
+            2,
+        )
+    where = "the traceback in the flow run's log above" if run_notes else "the traceback above"
+    return (
         " ".join(
             [
                 f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {message}.",
@@ -309,6 +329,23 @@ def _report_crash(exc: Exception) -> int:
                 "What the run committed before the error stays loaded. Fix the cause and run the same "
                 f"command again (a re-run adds no duplicates), or report {where} if the error persists.",
             ]
-        )
+        ),
+        CRASH_EXIT_STATUS,
     )
-    return CRASH_EXIT_STATUS
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """Return True when ``exc`` or an error it came from reports a full disk (ENOSPC)."""
+    import errno
+
+    duckdb = sys.modules.get("duckdb")
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        # DuckDB reports the operating system's message in its own IOException.
+        if duckdb is not None and isinstance(exc, duckdb.Error) and os.strerror(errno.ENOSPC) in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -1,0 +1,69 @@
+"""The CLI's closing line for errors that no other handler takes: a full disk and a crash."""
+
+from __future__ import annotations
+
+import errno
+
+import duckdb
+import pytest
+
+from terralayr_etl.cli import CRASH_EXIT_STATUS, crash_line
+
+RUN_NOTE = "Run 0f0e-test is marked failed in the runs table of /data/warehouse.duckdb."
+
+
+def _duckdb_full_disk_error() -> duckdb.Error:
+    # /dev/full answers every write with ENOSPC, so DuckDB raises the error a full disk gives.
+    connection = duckdb.connect()
+    try:
+        connection.execute("copy (select range from range(1000)) to '/dev/full' (format csv)")
+    except duckdb.Error as exc:
+        return exc
+    finally:
+        connection.close()
+    raise AssertionError("writing to /dev/full did not fail")
+
+
+def test_duckdb_full_disk_is_one_line_exit_2():
+    error = _duckdb_full_disk_error()
+
+    line, status = crash_line(error, [RUN_NOTE])
+
+    assert status == 2
+    assert line.startswith("error: no space left on the device: IO Error:")
+    assert "/dev/full" in line
+    assert RUN_NOTE in line
+    assert "Free disk space there and run the same command again" in line
+    assert "\n" not in line
+
+
+def test_full_disk_found_behind_another_error():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/parquet/x.parquet")
+        except OSError as cause:
+            raise RuntimeError("writing the run's report failed") from cause
+    except RuntimeError as exc:
+        line, status = crash_line(exc, [])
+
+    assert status == 2
+    assert "no space left on the device" in line
+
+
+@pytest.mark.parametrize(("notes", "where"), [([], "the traceback above"), ([RUN_NOTE], "the flow run's log above")])
+def test_other_error_is_a_crash_that_points_at_the_traceback(notes: list[str], where: str):
+    connection = duckdb.connect()
+    try:
+        with pytest.raises(duckdb.BinderException) as raised:
+            connection.execute("select no_such_column from range(1)")
+    finally:
+        connection.close()
+
+    line, status = crash_line(raised.value, notes)
+
+    assert status == CRASH_EXIT_STATUS
+    assert line.startswith("error: terralayr-etl stopped on an unexpected BinderException: Binder Error:")
+    assert "no_such_column" in line
+    assert where in line
+    assert all(note in line for note in notes)
+    assert "\n" not in line
