@@ -70,7 +70,7 @@ def run_backfill(session: Session, spec: BackfillSpec, name: str) -> dict[str, A
 
     With ``spec.warm_sandbox`` the sandbox keeps every rendered body, the same command runs
     once into a folder of its own first (its figures under ``"cold"``), and the returned
-    figures are the second run's, whose requests the sandbox answers from its cache.
+    figures are the second run's, whose requests the sandbox serves from its cache.
     """
     organisation = session.organisation(spec.virtual_assets)
     with SandboxProcess(
@@ -88,7 +88,7 @@ def run_backfill(session: Session, spec: BackfillSpec, name: str) -> dict[str, A
     return result
 
 
-# A warmed sandbox holds W1's 746 MB of bodies.
+# A warmed sandbox keeps W1's 746 MB of bodies.
 SANDBOX_CACHE_MB = 2048
 _COLD_FIGURES = ("wall_s", "values", "peak_rss_mb", "pipeline_cpu_s", "sandbox_cpu_s", "prefect_server_cpu_s", "stages_s")
 

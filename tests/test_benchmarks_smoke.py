@@ -93,7 +93,7 @@ def test_benchmarks_quick_run_writes_every_result(tmp_path: Path):
     assert results["W1"]["values"] > 0
     assert results["W1"]["requests"] > 0
     assert results["W1"]["check_failures"] == 0
-    # W1 is measured on its second run, against a sandbox that answers from its cache.
+    # W1 is measured on its second run, against a sandbox that serves from its cache.
     assert results["W1"]["sandbox_cache"] is True
     assert results["W1"]["cold"]["values"] == results["W1"]["values"]
     assert results["W2"]["values_per_s"] > 0

@@ -13,7 +13,7 @@ RUN_NOTE = "Run 0f0e-test is marked failed in the runs table of /data/warehouse.
 
 
 def _duckdb_full_disk_error() -> duckdb.Error:
-    # /dev/full answers every write with ENOSPC, so DuckDB raises the error a full disk gives.
+    # /dev/full fails every write with ENOSPC, so DuckDB raises the error of a full disk.
     connection = duckdb.connect()
     try:
         connection.execute("copy (select range from range(1000)) to '/dev/full' (format csv)")
@@ -24,7 +24,7 @@ def _duckdb_full_disk_error() -> duckdb.Error:
     raise AssertionError("writing to /dev/full did not fail")
 
 
-def test_duckdb_full_disk_is_one_line_exit_2():
+def test_duckdb_full_disk_exit_2():
     error = _duckdb_full_disk_error()
 
     line, status = crash_line(error, [RUN_NOTE])
@@ -37,7 +37,7 @@ def test_duckdb_full_disk_is_one_line_exit_2():
     assert "\n" not in line
 
 
-def test_full_disk_found_behind_another_error():
+def test_full_disk_behind_other_error():
     try:
         try:
             raise OSError(errno.ENOSPC, "No space left on device", "/data/parquet/x.parquet")
@@ -51,7 +51,7 @@ def test_full_disk_found_behind_another_error():
 
 
 @pytest.mark.parametrize(("notes", "where"), [([], "the traceback above"), ([RUN_NOTE], "the flow run's log above")])
-def test_other_error_is_a_crash_that_points_at_the_traceback(notes: list[str], where: str):
+def test_other_error_is_crash_exit_5(notes: list[str], where: str):
     connection = duckdb.connect()
     try:
         with pytest.raises(duckdb.BinderException) as raised:

@@ -29,7 +29,7 @@ def test_settings_reject_unsafe_member_id(tmp_path: Path, unsafe: str):
 
 
 @pytest.mark.parametrize("key", ["load_batch_rows", "check_chunk_rows"])
-def test_settings_reject_zero_rows_per_step(tmp_path: Path, key: str):
+def test_settings_reject_zero_step_rows(tmp_path: Path, key: str):
     shutil.copytree(CONFIG_DIR, tmp_path / "config")
     path = tmp_path / "config" / "terralayr.toml"
     text = path.read_text()

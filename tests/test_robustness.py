@@ -405,7 +405,7 @@ def test_cli_failed_window_prints_quarantine_line(org: SmallOrg, prefect_harness
     assert "Traceback" not in done.stderr
 
 
-def test_flow_takes_load_batch_and_check_chunk_sizes_from_config(
+def test_flow_step_sizes_from_config(
     org: SmallOrg, prefect_harness, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tiny = write_small_org(tmp_path / "config", pipeline={"load_batch_rows": 1, "check_chunk_rows": 1})
@@ -429,10 +429,10 @@ def test_flow_takes_load_batch_and_check_chunk_sizes_from_config(
     )
 
 
-def test_cli_unexpected_error_exit_5_run_marked_failed(org: SmallOrg, prefect_harness, tmp_path) -> None:
-    """A warehouse table changed by hand makes the load fail inside DuckDB: the CLI exits 5 (not
+def test_cli_crash_exit_5(org: SmallOrg, prefect_harness, tmp_path) -> None:
+    """A warehouse table changed by hand makes the load fail inside DuckDB. The CLI exits 5 (not
     1, which means a check failed), its last line names the error and the run, the traceback
-    appears once, and the run's row says failed with the error."""
+    appears once, and the run's row has status failed and the error."""
     data_dir = tmp_path / "data"
     with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
         warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
@@ -459,7 +459,7 @@ def test_cli_unexpected_error_exit_5_run_marked_failed(org: SmallOrg, prefect_ha
     assert done.stderr.count("Traceback (most recent call last)") == 2
 
 
-def test_cli_check_on_changed_table_names_the_table(org: SmallOrg, tmp_path) -> None:
+def test_cli_check_changed_table(org: SmallOrg, tmp_path) -> None:
     data_dir = tmp_path / "data"
     with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
         warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")

@@ -267,7 +267,7 @@ def test_revenue_buckets_match_daily_datapoints(sandbox):
     assert datetime.fromisoformat(buckets[0]["start"]).astimezone(UTC) == datetime(2024, 10, 25, 22, tzinfo=UTC)
 
 
-def test_response_cache_serves_repeated_requests_with_the_same_bytes():
+def test_response_cache_repeats_same_bytes():
     data_path = _datapoints_path("virtual_asset", VA_01)
     revenue_path = load_settings().api.paths.revenue("wholesale").format(virtual_asset_id=VA_01)
     window = {"start": "2024-10-25T22:00:00Z", "end": "2024-10-27T23:00:00Z"}
@@ -301,7 +301,7 @@ def test_response_cache_serves_repeated_requests_with_the_same_bytes():
     assert other_day.content != expected[0]
 
 
-def test_response_cache_keeps_no_errors_and_skips_corrections():
+def test_response_cache_skips_errors_corrections():
     with SandboxServer(cache_mb=64, faults="corrections=0") as corrected:
         token = _token(corrected)
         path = _datapoints_path("virtual_asset", VA_01)
@@ -321,7 +321,7 @@ def test_response_cache_keeps_no_errors_and_skips_corrections():
     assert cache.size == 0
 
 
-def test_response_cache_drops_least_recently_used_bodies():
+def test_response_cache_drops_oldest_body():
     cache = ResponseCache(max_bytes=10)
     cache.put("a", b"aaaa")
     cache.put("b", b"bbbb")
@@ -336,7 +336,7 @@ def test_response_cache_drops_least_recently_used_bodies():
     assert cache.size == 8
 
 
-def test_sandbox_command_says_when_it_stops(tmp_path):
+def test_sandbox_command_reports_stop(tmp_path):
     executable = Path(sys.executable).with_name("terralayr-etl")
     output = tmp_path / "sandbox.out"
     with output.open("w") as handle:

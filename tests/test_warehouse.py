@@ -427,7 +427,7 @@ def test_warehouse_lock_held_by_other_process(tmp_path: Path):
         assert reopened.connection.execute("select 1").fetchone() == (1,)
 
 
-def test_warehouse_held_by_plain_duckdb_process_is_locked_error(tmp_path: Path):
+def test_warehouse_duckdb_lock_is_locked_error(tmp_path: Path):
     path = tmp_path / "warehouse.duckdb"
     script = "import duckdb, sys\nconnection = duckdb.connect(sys.argv[1])\nprint('ready', flush=True)\nsys.stdin.readline()\n"
     holder = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -440,7 +440,7 @@ def test_warehouse_held_by_plain_duckdb_process_is_locked_error(tmp_path: Path):
         holder.communicate("done\n", timeout=30)
 
 
-def test_warehouse_file_that_is_not_duckdb_names_the_fix(tmp_path: Path):
+def test_warehouse_not_duckdb_file_error(tmp_path: Path):
     path = tmp_path / "warehouse.duckdb"
     path.write_bytes(b"not a database")
 
@@ -582,7 +582,7 @@ def test_warehouse_virtual_assets_converted_to_mw(warehouse: Warehouse):
     assert json.loads(row[10]) == _virtual_asset()
 
 
-def test_warehouse_failed_insert_raises_its_own_error(warehouse: Warehouse):
+def test_warehouse_failed_insert_keeps_cause(warehouse: Warehouse):
     warehouse.replace_virtual_assets([_virtual_asset()])
     warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
 

@@ -289,9 +289,9 @@ def _run_notes(exc: BaseException) -> list[str]:
 
 
 def _report_crash(exc: Exception) -> int:
-    """Print the traceback of an unexpected error and one line that says what to do next.
+    """Print the traceback of an unexpected error and one line with the error and the next step.
 
-    A full disk is no bug: it gets one line without a traceback and exit status 2.
+    A full disk is no bug, so it gets one line without a traceback and exit status 2.
     """
     import traceback
 
