@@ -29,7 +29,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import typer  # noqa: E402
 
-from terralayr_etl.errors import TerralayrError  # noqa: E402
+from terralayr_etl.errors import TerralayrError, one_line  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -306,32 +306,22 @@ def _report_crash(exc: Exception) -> int:
 
 def crash_line(exc: BaseException, run_notes: list[str]) -> tuple[str, int]:
     """Return the closing line for an error no other handler took, and the exit status."""
-    # DuckDB's messages span several lines (the statement, a caret); the summary stays one line.
-    message = " ".join(str(exc).split())
     if _is_disk_full(exc):
-        return (
-            " ".join(
-                [
-                    f"error: no space left on the device: {message}.",
-                    *run_notes,
-                    "Free disk space there and run the same command again: what the run committed "
-                    "before stays loaded, and a re-run adds no duplicates.",
-                ]
-            ),
-            2,
+        status = 2
+        head = f"error: no space left on the device: {one_line(exc)}."
+        advice = (
+            "Free disk space there and run the same command again: what the run committed before "
+            "stays loaded, and a re-run adds no duplicates."
         )
-    where = "the traceback in the flow run's log above" if run_notes else "the traceback above"
-    return (
-        " ".join(
-            [
-                f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {message}.",
-                *run_notes,
-                "What the run committed before the error stays loaded. Fix the cause and run the same "
-                f"command again (a re-run adds no duplicates), or report {where} if the error persists.",
-            ]
-        ),
-        CRASH_EXIT_STATUS,
-    )
+    else:
+        status = CRASH_EXIT_STATUS
+        head = f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {one_line(exc)}."
+        where = "the traceback in the flow run's log above" if run_notes else "the traceback above"
+        advice = (
+            "What the run committed before the error stays loaded. Fix the cause and run the same "
+            f"command again (a re-run adds no duplicates), or report {where} if the error persists."
+        )
+    return " ".join([head, *run_notes, advice]), status
 
 
 def _is_disk_full(exc: BaseException | None) -> bool:

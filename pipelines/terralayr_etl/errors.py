@@ -6,6 +6,15 @@ class TerralayrError(Exception):
     """Base class for errors a user can cause or fix."""
 
 
+def one_line(error: BaseException) -> str:
+    """Return the message of ``error`` on one line.
+
+    DuckDB's messages span several lines (the statement, a caret under the failing part), and
+    a closing error line or a JSON field must stay one line.
+    """
+    return " ".join(str(error).split())
+
+
 class ConfigError(TerralayrError):
     """A setting, a config file or an environment variable is missing or invalid."""
 

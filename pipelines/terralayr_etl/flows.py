@@ -32,7 +32,7 @@ from terralayr_etl.boundaries import BoundaryReport, resolve_outside_rows
 from terralayr_etl.client import ApiClient
 from terralayr_etl.config import ENTITY_TYPES, Settings, load_credentials, load_settings
 from terralayr_etl.batches import fetch_batch, is_transient, plan_batches
-from terralayr_etl.errors import TerralayrError
+from terralayr_etl.errors import TerralayrError, one_line
 from terralayr_etl.fetching import fetch_window
 from terralayr_etl.models import CHECK_CHUNK_ROWS, run_checks, run_models
 from terralayr_etl.pipeline import (
@@ -294,7 +294,7 @@ def nightly(
         except BaseException as exc:
             warehouse.finish_run(
                 run_id, status="failed", windows=len(jobs), requests=client.stats.requests, retries=client.stats.retries,
-                rows=0, check_summary={}, report={"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"},
+                rows=0, check_summary={}, report={"error": f"{type(exc).__name__}: {one_line(exc)}"},
             )  # fmt: skip
             # The CLI's closing line names the run from this note.
             exc.add_note(f"{RUN_NOTE_PREFIX}{run_id} is marked failed in the runs table of {warehouse.path}")

@@ -27,7 +27,7 @@ import duckdb
 
 from terralayr_etl.categories import CATEGORIES, DAYS_PER_YEAR
 from terralayr_etl.config import PROJECT_ROOT
-from terralayr_etl.errors import TerralayrError
+from terralayr_etl.errors import TerralayrError, one_line
 from terralayr_etl.timeutil import day_range, local_day_of, local_midnight
 
 log = logging.getLogger(__name__)
@@ -472,7 +472,7 @@ def _build_model(connection: duckdb.DuckDBPyConnection, model: Model) -> None:
         connection.execute(f'create or replace {model.materialized} "{model.name}" as\n{model.sql}\n')
     except duckdb.Error as exc:
         raise ModelError(
-            f"SQL model {model.name} ({model.path}) failed to build: {' '.join(str(exc).split())}. If the SQL "
+            f"SQL model {model.name} ({model.path}) failed to build: {one_line(exc)}. If the SQL "
             "is as shipped, a warehouse table it reads is missing or was changed by hand: compare it "
             "with docs/data-model.md, or load the warehouse with 'terralayr-etl run' first. Otherwise fix the SQL"
         ) from exc
