@@ -170,7 +170,7 @@ class Warehouse:
             if connection is not None:
                 connection.close()
             self._lock.release()
-            if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
+            if isinstance(exc, duckdb.IOException) and "Could not set lock" in str(exc):
                 # DuckDB's own file lock is held, for example by a DuckDB shell outside terralayr-etl.
                 raise WarehouseLockedError(f"{_locked_message(self.path, None)} (DuckDB: {exc})") from None
             if isinstance(exc, duckdb.IOException):
