@@ -335,6 +335,27 @@ def test_check_summary_limits_failing_rows(connection):
     assert json.loads(json.dumps(asdict(summary)))["failed"] == summary.failed
 
 
+def test_entity_days_match_each_instant_local_day(connection):
+    # Around local midnight before 1970 (negative epochs) and on the day clocks go forward.
+    for instant in ("1969-12-31 22:30:00+00", "1969-12-31 23:15:00+00", "2024-03-30 22:45:00+00", "2024-03-30 23:00:00+00"):
+        connection.execute(
+            "insert into datapoints select entity_type, entity_id, resolution, category, ?::timestamptz, value, unit, "
+            "run_id, fetched_at from datapoints where resolution = '15min' order by all limit 1",
+            [instant],
+        )
+
+    run_models(connection)
+
+    expected = connection.execute(
+        "select distinct entity_type::varchar, entity_id::varchar, (period_start at time zone 'Europe/Berlin')::date "
+        "from datapoints"
+    ).fetchall()
+    actual = connection.execute("select entity_type, entity_id, local_day from mart_entity_capacity_daily").fetchall()
+    days = {row[2] for row in actual}
+    assert sorted(actual) == sorted(expected)
+    assert {date(1969, 12, 31), date(1970, 1, 1), date(2024, 3, 30), date(2024, 3, 31)} <= days
+
+
 def test_run_models_builds_in_dependency_order(connection):
     built = run_models(connection)
 

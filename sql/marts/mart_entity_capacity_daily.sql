@@ -29,17 +29,30 @@ virtual_assets as (
 
 ),
 
+instants as (
+
+    select
+        entity_type,
+        entity_id,
+        epoch_us(period_start) as instant_us
+
+    from datapoints
+
+),
+
 entity_hours as (
 
-    -- Local midnight falls on a whole UTC hour, so all instants of a UTC hour lie in one
-    -- delivery day. Finding the hours first converts one instant per hour instead of every
-    -- row's: 0.6 instead of 3.3 s on 54M rows.
+    -- Since 1893-04-01, when Berlin took Central European Time, local midnight falls on a
+    -- whole UTC hour, so all instants of a UTC hour lie in one delivery day. Finding the hours
+    -- first converts one instant per hour instead of every row's: 0.8 instead of 3.3 s on 54M
+    -- rows. The hour is a floored division, because // rounds negative epochs (before 1970)
+    -- toward zero.
     select distinct
         entity_type,
         entity_id,
-        epoch_us(period_start) // 3600000000 as utc_hour
+        (instant_us - ((instant_us % 3600000000) + 3600000000) % 3600000000) // 3600000000 as utc_hour
 
-    from datapoints
+    from instants
 
 ),
 
