@@ -49,7 +49,6 @@ from terralayr_etl.pipeline import Discovery, Entity, FetchJob, plan_jobs, plan_
 from terralayr_etl.quarantine import Quarantine
 from terralayr_etl.run_report import failure_line
 from terralayr_etl.storage import ParquetStore
-from terralayr_etl.warehouse import Warehouse
 from terralayr_etl.timeutil import local_midnight
 from terralayr_etl.warehouse import Warehouse
 
@@ -457,6 +456,26 @@ def test_cli_crash_exit_5(org: SmallOrg, prefect_harness, tmp_path) -> None:
     assert json.loads(report)["error"].startswith("BinderException: ")
     # Prefect logs the traceback for the task run and the flow run; the CLI adds none.
     assert done.stderr.count("Traceback (most recent call last)") == 2
+
+
+def test_cli_crash_keeps_cause_when_record_fails(org: SmallOrg, prefect_harness, tmp_path) -> None:
+    """With the runs table also changed by hand, recording the failed run fails too. The closing
+    line still names the load's error, and says that the run could not be marked failed."""
+    data_dir = tmp_path / "data"
+    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
+        warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
+        warehouse.connection.execute("alter table runs drop column check_summary")
+
+    with serve_small_org(org) as (server, _):
+        env = cli_env(org, server.base_url, PREFECT_API_URL=harness_api_url())
+        done = run_cli(["run", "--start", START.isoformat(), "--end", END.isoformat(), "--data-dir", str(data_dir)], env)
+
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 5, done.stderr[-3000:]
+    assert "unexpected BinderException" in last
+    assert "delivery_zone" in last
+    assert "could not be marked failed" in last
+    assert "the next run marks it killed" in last
 
 
 def test_cli_check_changed_table(org: SmallOrg, tmp_path) -> None:

@@ -200,7 +200,7 @@ def exit_code(summary: dict) -> int:
     from terralayr_etl.run_report import exit_status, failure_line
 
     if summary["status"] == "failed":
-        say_last(f"error: {failure_line(summary)}")
+        print_at_exit(f"error: {failure_line(summary)}")
     return exit_status(summary)
 
 
@@ -231,8 +231,8 @@ def _print_run(summary: dict) -> None:
 _CLOSING_LINES: list[str] = []
 
 
-def say_last(line: str) -> None:
-    """Print ``line`` on stderr as the process's last line, after Prefect's shutdown log lines.
+def print_at_exit(line: str) -> None:
+    """Queue ``line`` for stderr as the process's last line, after Prefect's shutdown log lines.
 
     Prefect stops its temporary server in an exit handler, which logs after the command has
     returned. Exit handlers run in reverse order of registration, and ``main`` registers the
@@ -242,6 +242,9 @@ def say_last(line: str) -> None:
 
 
 def _print_closing_lines() -> None:
+    # Python flushes a buffered stdout (a file or a pipe) only after the exit handlers, so
+    # without this flush the summary would come after the error line in 'demo > log 2>&1'.
+    sys.stdout.flush()
     for line in _CLOSING_LINES:
         typer.echo(line, err=True)
 
@@ -259,12 +262,12 @@ def main() -> None:
         # Without standalone mode, click returns the code of a raised typer.Exit instead of exiting.
         code = app(standalone_mode=False)
     except TerralayrError as exc:
-        say_last(" ".join([f"error: {exc}", *_run_notes(exc)]))
+        print_at_exit(" ".join([f"error: {exc}", *_run_notes(exc)]))
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        print_at_exit(" ".join(["aborted", *_run_notes(exc)]))
         sys.exit(130)
     except Exception as exc:
         import click
@@ -298,34 +301,28 @@ def _report_crash(exc: Exception) -> int:
     run_notes = _run_notes(exc)
     line, status = crash_line(exc, run_notes)
     if status == CRASH_EXIT_STATUS and not run_notes:
-        # Without a run note no flow run has logged the traceback.
+        # A run note means the flow run has logged the traceback. An error raised in the flow
+        # before its run was recorded has no note, so its traceback may then appear twice.
         traceback.print_exception(exc)
-    say_last(line)
+    print_at_exit(line)
     return status
 
 
 def crash_line(exc: BaseException, run_notes: list[str]) -> tuple[str, int]:
     """Return the closing line for an error no other handler took, and the exit status."""
-    if _is_disk_full(exc):
-        status = 2
-        head = f"error: no space left on the device: {one_line(exc)}."
-        advice = (
-            "Free disk space there and run the same command again: what the run committed before "
-            "stays loaded, and a re-run adds no duplicates."
-        )
-    else:
-        status = CRASH_EXIT_STATUS
-        head = f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {one_line(exc)}."
-        where = "the traceback in the flow run's log above" if run_notes else "the traceback above"
-        advice = (
-            "What the run committed before the error stays loaded. Fix the cause and run the same "
-            f"command again (a re-run adds no duplicates), or report {where} if the error persists."
-        )
-    return " ".join([head, *run_notes, advice]), status
+    kept = ["What the run committed before the error stays loaded, and a re-run adds no duplicates."] if run_notes else []
+    full_disk = _full_disk_error(exc)
+    if full_disk is not None:
+        head = f"error: no space left on the device: {one_line(full_disk)}."
+        return " ".join([head, *run_notes, *kept, "Free disk space there and run the same command again."]), 2
+    head = f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {one_line(exc)}."
+    where = "the traceback in the flow run's log above" if run_notes else "the traceback above"
+    advice = f"Fix the cause and run the same command again, or report {where} if the error persists."
+    return " ".join([head, *run_notes, *kept, advice]), CRASH_EXIT_STATUS
 
 
-def _is_disk_full(exc: BaseException | None) -> bool:
-    """Return True when ``exc`` or an error it came from reports a full disk (ENOSPC)."""
+def _full_disk_error(exc: BaseException | None) -> BaseException | None:
+    """Return ``exc`` or the error it came from that reports a full disk (ENOSPC), or None."""
     import errno
 
     duckdb = sys.modules.get("duckdb")
@@ -333,9 +330,9 @@ def _is_disk_full(exc: BaseException | None) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
+            return exc
         # DuckDB reports the operating system's message in its own IOException.
         if duckdb is not None and isinstance(exc, duckdb.Error) and os.strerror(errno.ENOSPC) in str(exc):
-            return True
+            return exc
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import duckdb
 
-from terralayr_etl.cli import print_checks, say_last
+from terralayr_etl.cli import exit_code, print_checks
 from terralayr_etl.config import load_settings
-from terralayr_etl.run_report import describe_recovered_problems, exit_status, failure_line
+from terralayr_etl.run_report import describe_recovered_problems
 from terralayr_etl.sandbox.organisation import load_organisation
 from terralayr_etl.sandbox.server import SandboxServer
 
@@ -32,9 +32,7 @@ def run_demo(*, start: date, end: date, data_dir: Path, faults: str | None = Non
         summary = run_nightly(start=start, end=end, data_dir=data_dir, settings=load_settings())
 
     print_summary(summary, data_dir)
-    if summary["status"] == "failed":
-        say_last(f"error: {failure_line(summary)}")
-    return exit_status(summary)
+    return exit_code(summary)
 
 
 def print_summary(summary: dict, data_dir: Path) -> None:

@@ -292,12 +292,20 @@ def nightly(
                 warehouse, (_first_day(jobs, span), span.end_day), skip_checks, settings.pipeline.check_chunk_rows
             )
         except BaseException as exc:
-            warehouse.finish_run(
-                run_id, status="failed", windows=len(jobs), requests=client.stats.requests, retries=client.stats.retries,
-                rows=0, check_summary={}, report={"error": f"{type(exc).__name__}: {one_line(exc)}"},
-            )  # fmt: skip
+            try:
+                warehouse.finish_run(
+                    run_id, status="failed", windows=len(jobs), requests=client.stats.requests,
+                    retries=client.stats.retries, rows=0, check_summary={},
+                    report={"error": f"{type(exc).__name__}: {one_line(exc)}"},
+                )  # fmt: skip
+                recorded = f"is marked failed in the runs table of {warehouse.path}"
+            except Exception as record_error:
+                # A DuckDB error can leave the connection unusable. The run's error is the one to
+                # raise, and the next run marks this run's row killed.
+                log.error("Could not mark run %s failed in %s: %s", run_id, warehouse.path, one_line(record_error))
+                recorded = f"could not be marked failed in {warehouse.path} ({one_line(record_error)}); the next run marks it killed"
             # The CLI's closing line names the run from this note.
-            exc.add_note(f"{RUN_NOTE_PREFIX}{run_id} is marked failed in the runs table of {warehouse.path}")
+            exc.add_note(f"{RUN_NOTE_PREFIX}{run_id} {recorded}")
             raise
         finally:
             with _RUNTIMES_LOCK:

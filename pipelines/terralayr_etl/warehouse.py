@@ -38,7 +38,6 @@ from terralayr_etl.warehouse_sql import (
     KEY_COLUMNS,
     LABEL_COLUMNS,
     SCHEMA_SQL,
-    STORED_BUCKETS_IN_FILES,
     STORED_IN_RANGE,
     UPSERT_REVENUE_BUCKETS,
     enum_type,
@@ -173,8 +172,7 @@ class Warehouse:
             if isinstance(exc, duckdb.IOException) and "Could not set lock" in str(exc):
                 # DuckDB's own file lock is held, for example by a DuckDB shell outside terralayr-etl.
                 raise WarehouseLockedError(f"{_locked_message(self.path, None)} (DuckDB: {exc})") from None
-            if isinstance(exc, duckdb.IOException):
-                # Not a DuckDB file, or one this DuckDB version cannot read.
+            if isinstance(exc, duckdb.IOException) and "not a valid DuckDB database file" in str(exc):
                 raise TerralayrError(
                     f"cannot open the warehouse {self.path}: {str(exc).rstrip('!. ')}. Move the file aside and run again: a new "
                     "warehouse is created, and a backfill over the same days fills it again"
@@ -389,17 +387,18 @@ class Warehouse:
         paths = _resolved_paths(files)
         if not paths:
             return 0
-        written = replaced = 0
+        written = 0
         # Revenue buckets come in many small files (one per virtual asset, product and month).
         # Read by two threads, the 960 files of W3's 360 days raised the RSS by 45 MB for
         # 28,800 rows. On one thread at 32 MB they add nothing to the load's peak and take
         # 0.1 s longer.
         with self._load_settings(), self._threads(1), self._memory_limit(INSERT_MEMORY), self._transaction():
+            before = self._row_count("revenue_buckets")
             for batch in _batched(paths):
-                counted = self.connection.execute(STORED_BUCKETS_IN_FILES, {"files": batch}).fetchone()
-                replaced += counted[0] if counted else 0
                 result = self.connection.execute(UPSERT_REVENUE_BUCKETS, {"files": batch}).fetchone()
                 written += result[0] if result else 0
+            # The upsert counts inserted and updated rows together; the new rows grow the table.
+            replaced = written - (self._row_count("revenue_buckets") - before)
         logger.info(
             "Loaded %d revenue-bucket rows (%d replaced stored rows) from %d Parquet files into %s",
             written, replaced, len(paths), self.path,
@@ -622,6 +621,10 @@ class Warehouse:
             f"where database_name = {database} and table_name = ? order by column_index",
             [table],
         ).fetchall()
+
+    def _row_count(self, table_name: str) -> int:
+        row = self.connection.execute(f"select count(*) from {table_name}").fetchone()
+        return int(row[0]) if row else 0
 
     def _insert_arrow(self, table_name: str, rows: pa.Table, on_conflict: str | None = None) -> None:
         """Insert an Arrow table whose columns match ``table_name`` by name."""

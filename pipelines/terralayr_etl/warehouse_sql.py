@@ -203,13 +203,6 @@ select {", ".join(DATAPOINTS_COLUMNS)}
 from {_READ_DATAPOINT_FILES}
 """
 
-STORED_BUCKETS_IN_FILES = f"""
-select count(*)
-from revenue_buckets as stored
-semi join (select distinct entity_id, product, bucket_start from {_READ_BUCKET_FILES}) as incoming
-    using (entity_id, product, bucket_start)
-"""
-
 UPSERT_REVENUE_BUCKETS = f"""
 insert into revenue_buckets
 select entity_id, product, bucket_start, bucket_end, revenue_eur, currency, run_id, fetched_at, endpoint

@@ -121,6 +121,7 @@ def serve_forever(
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
-        # uvicorn shuts down on Ctrl+C, then raises it again; stopping is how a server ends.
+        # uvicorn shuts down on Ctrl+C, then raises it again. For a server, a Ctrl+C stop is
+        # a normal end, so the command exits with status 0.
         pass
     print(f"Sandbox on {url} stopped", flush=True)
