@@ -7,6 +7,7 @@ import errno
 import duckdb
 import pytest
 
+from terralayr_etl import cli
 from terralayr_etl.cli import CRASH_EXIT_STATUS, crash_line
 
 RUN_NOTE = "Run 0f0e-test is marked failed in the runs table of /data/warehouse.duckdb."
@@ -67,3 +68,21 @@ def test_other_error_is_crash_exit_5(notes: list[str], where: str):
     assert where in line
     assert all(note in line for note in notes)
     assert "\n" not in line
+
+
+def test_error_after_ctrl_c_is_interrupt_exit_130(monkeypatch: pytest.MonkeyPatch):
+    # Ctrl+C also stops Prefect's temporary server, so the run can end on a connection error
+    # raised while the KeyboardInterrupt was handled.
+    monkeypatch.setattr(cli, "_CLOSING_LINES", [])
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused") from None
+    except ConnectionRefusedError as exc:
+        # 'from None' hides the context in tracebacks but keeps it in __context__.
+        status = cli._report_crash(exc)
+
+    assert status == 130
+    assert cli._CLOSING_LINES[-1].startswith("aborted: the run stopped on Ctrl+C.")
+    assert "run the same command again" in cli._CLOSING_LINES[-1]

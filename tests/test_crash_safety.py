@@ -77,15 +77,7 @@ def test_killed_run_rerun_matches_uninterrupted(scenario: str, served: dict, uni
     data_dir = tmp_path / "data"
     log = tmp_path / "killed.stderr"
     reached = SCENARIOS[scenario]
-    executable = str(Path(sys.executable).with_name("terralayr-etl"))
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [executable, *ARGS, "--data-dir", str(data_dir)],
-            env=served,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
+    process = _start_run(data_dir, log, served)
     try:
         wait_for(lambda: reached(log, data_dir) or process.poll() is not None, 120, f"the run to reach '{scenario}'")
         assert process.poll() is None, f"the run ended before it could be killed {scenario}"
@@ -105,6 +97,19 @@ def test_killed_run_rerun_matches_uninterrupted(scenario: str, served: dict, uni
     assert _run_statuses(data_dir) == ["killed", "success"]
 
 
+def _start_run(data_dir: Path, log: Path, env: dict) -> subprocess.Popen[bytes]:
+    """Start ``terralayr-etl run`` in a process group of its own, its stderr going to ``log``."""
+    executable = str(Path(sys.executable).with_name("terralayr-etl"))
+    with log.open("w") as stderr:
+        return subprocess.Popen(
+            [executable, *ARGS, "--data-dir", str(data_dir)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+
+
 def _run_statuses(data_dir: Path) -> list[str]:
     # A read-write connection replays the write-ahead log the killed process left.
     connection = duckdb.connect(str(data_dir / "warehouse.duckdb"))
@@ -112,3 +117,31 @@ def _run_statuses(data_dir: Path) -> list[str]:
         return [row[0] for row in connection.execute("select status from runs order by started_at").fetchall()]
     finally:
         connection.close()
+
+
+def test_ctrl_c_run_exit_130_rerun_matches(served: dict, uninterrupted: dict, tmp_path) -> None:
+    """Ctrl+C (SIGINT to the process group) during the fetch ends with exit 130 and one 'aborted'
+    line that names the run, whose row has status failed. The same command then completes the data."""
+    data_dir = tmp_path / "data"
+    log = tmp_path / "interrupted.stderr"
+    process = _start_run(data_dir, log, served)
+    try:
+        wait_for(lambda: _parquet_written(log, data_dir) or process.poll() is not None, 120, "the fetch to start")
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+    last = log.read_text().strip().splitlines()[-1]
+    assert process.returncode == 130, log.read_text()[-3000:]
+    assert last.startswith("aborted: the run stopped on Ctrl+C. Run ")
+    assert "is marked failed" in last
+    assert _run_statuses(data_dir) == ["failed"]
+
+    done = run_cli([*ARGS, "--data-dir", str(data_dir)], served)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert warehouse_digest(data_dir / "warehouse.duckdb") == uninterrupted["warehouse"]
+    assert _run_statuses(data_dir) == ["failed", "success"]

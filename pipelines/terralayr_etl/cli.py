@@ -12,6 +12,7 @@ Exit status:
 - 5: the command stopped on an unexpected error (a bug, a DuckDB or operating-system failure).
   The traceback and one line naming the error and the run are on stderr; the run's row in
   the runs table says failed.
+- 130: stopped with Ctrl+C; the last line starts with "aborted".
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Annotated
 
 # Keep Prefect's local server from phoning home: this tool runs on machines without internet.
@@ -109,13 +111,17 @@ def run(
 
     data_path = _data_dir(data_dir)
     _preflight(start, end, resolution, data_path)
-    summary = run_nightly(
-        start=parse_day(start, option="--start") if start else None,
-        end=parse_day(end, option="--end") if end else None,
-        resolutions=resolution,
-        data_dir=data_path,
-        skip_checks=skip_checks,
-    )
+    try:
+        summary = run_nightly(
+            start=parse_day(start, option="--start") if start else None,
+            end=parse_day(end, option="--end") if end else None,
+            resolutions=resolution,
+            data_dir=data_path,
+            skip_checks=skip_checks,
+        )
+    except KeyboardInterrupt as exc:
+        print_at_exit(_aborted_line(exc))
+        raise typer.Exit(INTERRUPTED_EXIT_STATUS) from None
     _print_run(summary)
     raise typer.Exit(exit_code(summary))
 
@@ -268,7 +274,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt) as exc:
         print_at_exit(" ".join(["aborted", *_run_notes(exc)]))
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT_STATUS)
     except Exception as exc:
         import click
 
@@ -276,10 +282,14 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         sys.exit(_report_crash(exc))
+    if code == INTERRUPTED_EXIT_STATUS and not _CLOSING_LINES:
+        # typer turns Ctrl+C into this exit status itself.
+        print_at_exit("aborted")
     sys.exit(code if isinstance(code, int) else 0)
 
 
 CRASH_EXIT_STATUS = 5
+INTERRUPTED_EXIT_STATUS = 130
 
 
 def _run_notes(exc: BaseException) -> list[str]:
@@ -291,13 +301,30 @@ def _run_notes(exc: BaseException) -> list[str]:
     return [f"Run {note.removeprefix(prefix)}." for note in getattr(exc, "__notes__", []) if note.startswith(prefix)]
 
 
+def _aborted_line(interrupt: BaseException) -> str:
+    return " ".join(
+        [
+            "aborted: the run stopped on Ctrl+C.",
+            *_run_notes(interrupt),
+            "What it committed stays loaded; run the same command again to complete it (a re-run adds "
+            "no duplicates).",
+        ]
+    )
+
+
 def _report_crash(exc: Exception) -> int:
     """Print the traceback of an unexpected error and one line with the error and the next step.
 
-    A full disk is no bug, so it gets one line without a traceback and exit status 2.
+    A full disk is no bug, so it gets one line without a traceback and exit status 2. An error
+    that came from Ctrl+C (Prefect's temporary server stops on it too, so Prefect's calls then
+    fail) gets the line of an interrupted run and exit status 130.
     """
     import traceback
 
+    interrupt = _cause_of_type(exc, KeyboardInterrupt)
+    if interrupt is not None:
+        print_at_exit(_aborted_line(interrupt))
+        return INTERRUPTED_EXIT_STATUS
     run_notes = _run_notes(exc)
     line, status = crash_line(exc, run_notes)
     if status == CRASH_EXIT_STATUS and not run_notes:
@@ -310,29 +337,40 @@ def _report_crash(exc: Exception) -> int:
 
 def crash_line(exc: BaseException, run_notes: list[str]) -> tuple[str, int]:
     """Return the closing line for an error no other handler took, and the exit status."""
-    kept = ["What the run committed before the error stays loaded, and a re-run adds no duplicates."] if run_notes else []
+    committed = ["What the run committed before the error stays loaded, and a re-run adds no duplicates."] if run_notes else []
     full_disk = _full_disk_error(exc)
     if full_disk is not None:
         head = f"error: no space left on the device: {one_line(full_disk)}."
-        return " ".join([head, *run_notes, *kept, "Free disk space there and run the same command again."]), 2
+        return " ".join([head, *run_notes, *committed, "Free disk space there and run the same command again."]), 2
     head = f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {one_line(exc)}."
     where = "the traceback in the flow run's log above" if run_notes else "the traceback above"
     advice = f"Fix the cause and run the same command again, or report {where} if the error persists."
-    return " ".join([head, *run_notes, *kept, advice]), CRASH_EXIT_STATUS
+    return " ".join([head, *run_notes, *committed, advice]), CRASH_EXIT_STATUS
 
 
-def _full_disk_error(exc: BaseException | None) -> BaseException | None:
+def _error_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """Yield ``exc`` and the errors it came from (its cause, or else its context)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _cause_of_type(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """Return ``exc`` or the first error it came from that is a ``kind``, or None."""
+    return next((error for error in _error_chain(exc) if isinstance(error, kind)), None)
+
+
+def _full_disk_error(exc: BaseException) -> BaseException | None:
     """Return ``exc`` or the error it came from that reports a full disk (ENOSPC), or None."""
     import errno
 
     duckdb = sys.modules.get("duckdb")
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return exc
+    for error in _error_chain(exc):
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
         # DuckDB reports the operating system's message in its own IOException.
-        if duckdb is not None and isinstance(exc, duckdb.Error) and os.strerror(errno.ENOSPC) in str(exc):
-            return exc
-        exc = exc.__cause__ or exc.__context__
+        if duckdb is not None and isinstance(error, duckdb.Error) and os.strerror(errno.ENOSPC) in str(error):
+            return error
     return None

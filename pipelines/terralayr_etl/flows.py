@@ -176,9 +176,24 @@ def _fetch_all(run_id: str, jobs: list[FetchJob], windows_per_task: int) -> tupl
     log = get_run_logger()
     batches = plan_batches(jobs, windows_per_task)
     futures = list(fetch_windows_task.map(run_id, batches))
+    try:
+        return _collect(futures, len(jobs), log)
+    except BaseException:
+        # Batches that have not started would otherwise run after the flow has ended (after
+        # Ctrl+C, for example), against a closed client.
+        for future in futures:
+            wrapped = getattr(future, "wrapped_future", None)
+            if wrapped is not None:
+                wrapped.cancel()
+        raise
+
+
+def _collect(futures: list[Any], window_count: int, log: Any) -> tuple[list[WindowResult], list[FailedWindow]]:
+    """Gather the outcomes of the fetch task runs as they finish, sorted by window, and log
+    progress about every tenth of the ``window_count`` windows."""
     results: list[WindowResult] = []
     failures: list[FailedWindow] = []
-    step = max(1, len(jobs) // 10)
+    step = max(1, window_count // 10)
     done = 0
     for future in as_completed(futures):
         for outcome in future.result():
@@ -187,8 +202,8 @@ def _fetch_all(run_id: str, jobs: list[FetchJob], windows_per_task: int) -> tupl
             else:
                 results.append(outcome)
             done += 1
-            if done % step == 0 or done == len(jobs):
-                log.info("Fetched %d of %d windows (%d failed)", done, len(jobs), len(failures))
+            if done % step == 0 or done == window_count:
+                log.info("Fetched %d of %d windows (%d failed)", done, window_count, len(failures))
     results.sort(key=lambda result: _job_order(result.job))
     failures.sort(key=lambda failure: _job_order(failure.job))
     return results, failures
@@ -296,7 +311,7 @@ def nightly(
                 warehouse.finish_run(
                     run_id, status="failed", windows=len(jobs), requests=client.stats.requests,
                     retries=client.stats.retries, rows=0, check_summary={},
-                    report={"error": f"{type(exc).__name__}: {one_line(exc)}"},
+                    report={"error": ": ".join(filter(None, [type(exc).__name__, one_line(exc)]))},
                 )  # fmt: skip
                 recorded = f"is marked failed in the runs table of {warehouse.path}"
             except Exception as record_error:
