@@ -473,8 +473,9 @@ def _build_model(connection: duckdb.DuckDBPyConnection, model: Model) -> None:
     except duckdb.Error as exc:
         raise ModelError(
             f"SQL model {model.name} ({model.path}) failed to build: {one_line(exc)}. If the SQL "
-            "is as shipped, a warehouse table it reads is missing or was changed by hand: compare it "
-            "with docs/data-model.md, or load the warehouse with 'terralayr-etl run' first. Otherwise fix the SQL"
+            "is as shipped, a warehouse table it reads is missing or was changed by hand: load a new "
+            "warehouse with 'terralayr-etl run' first, or restore the table as docs/data-model.md "
+            "describes it (or start over, docs/operations.md). Otherwise fix the SQL"
         ) from exc
     log.debug("Built %s %s in %.2f s", model.materialized, model.name, time.perf_counter() - started)
 
