@@ -460,7 +460,7 @@ def test_cli_crash_exit_5(org: SmallOrg, prefect_harness, tmp_path) -> None:
 
 def test_cli_crash_keeps_cause_when_record_fails(org: SmallOrg, prefect_harness, tmp_path) -> None:
     """With the runs table also changed by hand, recording the failed run fails too. The closing
-    line still names the load's error, and says that the run could not be marked failed."""
+    line still names the load's error and reports that the run could not be marked failed."""
     data_dir = tmp_path / "data"
     with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
         warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
