@@ -9,6 +9,7 @@ Parquet dataset with those of an uninterrupted run by content (``robust_support.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import httpx
 import pyarrow.parquet as pq
 import pytest
 from robust_support import (
@@ -145,3 +147,32 @@ def test_ctrl_c_run_exit_130_rerun_matches(served: dict, uninterrupted: dict, tm
     assert done.returncode == 0, done.stderr[-3000:]
     assert warehouse_digest(data_dir / "warehouse.duckdb") == uninterrupted["warehouse"]
     assert _run_statuses(data_dir) == ["failed", "success"]
+
+
+def test_ctrl_c_keeps_temporary_server_until_exit(served: dict, tmp_path) -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server in the run's process group.
+    Ctrl+C must not stop it before the run has recorded its end: the run then waited about
+    160 s on Prefect's retries. The run exits with 130, and the server is gone afterwards."""
+    env = {name: value for name, value in served.items() if name != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    data_dir = tmp_path / "data"
+    log = tmp_path / "interrupted.stderr"
+    process = _start_run(data_dir, log, env)
+    try:
+        wait_for(lambda: _parquet_written(log, data_dir) or process.poll() is not None, 120, "the fetch to start")
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+    text = log.read_text()
+    server = re.search(r"Starting temporary server on (http://127\.0\.0\.1:\d+)", text)
+    assert process.returncode == 130, text[-3000:]
+    assert text.strip().splitlines()[-1].startswith("aborted: the run stopped on Ctrl+C. Run ")
+    assert server is not None, text[-3000:]
+    assert f"Stopping temporary server on {server.group(1)}" in text
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.group(1)}/api/health", timeout=5)

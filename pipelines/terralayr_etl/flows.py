@@ -13,6 +13,7 @@ the list of failed windows, which the caller also gets.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import uuid
 from dataclasses import asdict, dataclass
@@ -385,6 +386,30 @@ def _first_day(jobs: list[FetchJob], span: RunSpan) -> date:
     return local_day_of(first_instant) if first_instant else span.end_day
 
 
+def start_temporary_server_outside_ctrl_c() -> None:
+    """Start Prefect's temporary server now, with SIGINT blocked, when no PREFECT_API_URL is set.
+
+    Without PREFECT_API_URL, Prefect starts a temporary server as a child process. Ctrl+C in a
+    terminal sends SIGINT to the whole process group, so it stopped that server too, and the
+    interrupted run then spent about 160 s on Prefect's retries. A child inherits its parent's
+    blocked signals, so a server started while SIGINT is blocked stays up for the run to
+    record its end. Prefect still stops it with SIGTERM when the process exits.
+    """
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url or not hasattr(signal, "pthread_sigmask"):
+        return
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:  # another Prefect version: its own start, which Ctrl+C stops
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        SubprocessASGIServer().start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def run_nightly(
     *,
     start: date | None = None,
@@ -396,6 +421,7 @@ def run_nightly(
 ) -> dict:
     """Run the ``nightly`` flow with a thread pool sized by ``api.max_concurrency``."""
     settings = settings or load_settings()
+    start_temporary_server_outside_ctrl_c()
     configured = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=settings.api.max_concurrency))
     return configured(
         start=start.isoformat() if start else None,
