@@ -112,6 +112,22 @@ def _start_run(data_dir: Path, log: Path, env: dict) -> subprocess.Popen[bytes]:
         )
 
 
+def _interrupt_during_fetch(data_dir: Path, log: Path, env: dict) -> int | None:
+    """Start a run, send SIGINT to its process group (as Ctrl+C does) once it has written
+    Parquet, and return its exit status. A run that does not exit within 60 s is killed."""
+    process = _start_run(data_dir, log, env)
+    try:
+        wait_for(lambda: _parquet_written(log, data_dir) or process.poll() is not None, 120, "the fetch to start")
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    return process.returncode
+
+
 def _run_statuses(data_dir: Path) -> list[str]:
     # A read-write connection replays the write-ahead log the killed process left.
     connection = duckdb.connect(str(data_dir / "warehouse.duckdb"))
@@ -126,19 +142,10 @@ def test_ctrl_c_run_exit_130_rerun_matches(served: dict, uninterrupted: dict, tm
     line that names the run, whose row has status failed. The same command then completes the data."""
     data_dir = tmp_path / "data"
     log = tmp_path / "interrupted.stderr"
-    process = _start_run(data_dir, log, served)
-    try:
-        wait_for(lambda: _parquet_written(log, data_dir) or process.poll() is not None, 120, "the fetch to start")
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+    returncode = _interrupt_during_fetch(data_dir, log, served)
 
     last = log.read_text().strip().splitlines()[-1]
-    assert process.returncode == 130, log.read_text()[-3000:]
+    assert returncode == 130, log.read_text()[-3000:]
     assert last.startswith("aborted: the run stopped on Ctrl+C. Run ")
     assert "is marked failed" in last
     assert _run_statuses(data_dir) == ["failed"]
@@ -157,20 +164,11 @@ def test_ctrl_c_keeps_temporary_server_until_exit(served: dict, tmp_path) -> Non
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     data_dir = tmp_path / "data"
     log = tmp_path / "interrupted.stderr"
-    process = _start_run(data_dir, log, env)
-    try:
-        wait_for(lambda: _parquet_written(log, data_dir) or process.poll() is not None, 120, "the fetch to start")
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+    returncode = _interrupt_during_fetch(data_dir, log, env)
 
     text = log.read_text()
     server = re.search(r"Starting temporary server on (http://127\.0\.0\.1:\d+)", text)
-    assert process.returncode == 130, text[-3000:]
+    assert returncode == 130, text[-3000:]
     assert text.strip().splitlines()[-1].startswith("aborted: the run stopped on Ctrl+C. Run ")
     assert server is not None, text[-3000:]
     assert f"Stopping temporary server on {server.group(1)}" in text
