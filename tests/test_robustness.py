@@ -39,11 +39,12 @@ from robust_support import (
     write_small_org,
 )
 
-from terralayr_etl import batches, flows
+from terralayr_etl import batches, flows, models
 from terralayr_etl.client import ApiClient
 from terralayr_etl.categories import CATEGORY_NAMES
 from terralayr_etl.config import Credentials, load_settings
 from terralayr_etl.errors import ApiError, MalformedResponseError
+from terralayr_etl.models import ModelError
 from terralayr_etl.flows import run_nightly
 from terralayr_etl.pipeline import Discovery, Entity, FetchJob, plan_jobs, plan_starts
 from terralayr_etl.quarantine import Quarantine
@@ -98,6 +99,32 @@ def credentials_of(org: SmallOrg) -> Credentials:
 
 def _query_of(served) -> dict[str, str]:
     return {name: values[0] for name, values in parse_qs(served.query).items()}
+
+
+def test_flow_failing_after_load_records_loaded_rows(
+    org: SmallOrg, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that fails in the SQL models, after its load committed, is marked failed with the
+    rows it loaded, which stay in the warehouse."""
+    sql_dir = tmp_path / "sql"
+    (sql_dir / "marts").mkdir(parents=True)
+    (sql_dir / "marts" / "mart_broken.sql").write_text("select * from datapoints join missing_table using (entity_id)")
+    monkeypatch.setattr(models, "DEFAULT_SQL_DIR", sql_dir)
+    data_dir = tmp_path / "data"
+    with serve_small_org(org) as (server, _), pytest.raises(ModelError, match="mart_broken.sql"):
+        _run(org, server, data_dir, start=START, end=END)
+
+    connection = _connect(data_dir)
+    try:
+        status, rows = connection.execute("select status, rows from runs").fetchone()
+        stored = connection.execute(
+            "select (select count(*) from datapoints) + (select count(*) from revenue_buckets)"
+        ).fetchone()[0]
+    finally:
+        connection.close()
+    assert status == "failed"
+    assert stored > 0
+    assert rows == stored
 
 
 # Quarantine and failed windows

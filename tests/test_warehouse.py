@@ -366,9 +366,12 @@ def test_warehouse_failed_batch_keeps_earlier_batches(tmp_path: Path, warehouse:
     with pytest.raises(duckdb.Error):
         warehouse.load_datapoints([*january, bad])
     rows_after_failure = warehouse.connection.execute("select count(*) from datapoints").fetchone()
+    committed_after_failure = warehouse.committed_rows
     warehouse.load_datapoints(january)
 
     assert rows_after_failure == (8,)
+    # A failed run records these rows, which stay loaded.
+    assert committed_after_failure == 8
     assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (8,)
 
 

@@ -311,7 +311,7 @@ def nightly(
             try:
                 warehouse.finish_run(
                     run_id, status="failed", windows=len(jobs), requests=client.stats.requests,
-                    retries=client.stats.retries, rows=0, check_summary={},
+                    retries=client.stats.retries, rows=warehouse.committed_rows, check_summary={},
                     report={"error": ": ".join(filter(None, [type(exc).__name__, one_line(exc)]))},
                 )  # fmt: skip
                 recorded = f"is marked failed in the runs table of {warehouse.path}"

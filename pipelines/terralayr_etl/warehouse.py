@@ -148,6 +148,9 @@ class Warehouse:
         """
         self.path = Path(path)
         self.rows_per_batch = rows_per_batch
+        self.committed_rows = 0
+        """Count of the data-point and revenue-bucket rows that this object's loads committed.
+        A failed load keeps the batches it committed, so a failed run records this count."""
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(
@@ -231,8 +234,10 @@ class Warehouse:
                     # Inserting after deletes failed at INSERT_MEMORY when re-loading W3's rows.
                     with self._memory_limit(LOAD_MEMORY if deleted else INSERT_MEMORY):
                         result = self.connection.execute(INSERT_DATAPOINTS, {"files": batch}).fetchone()
+                inserted = result[0] if result else 0
+                self.committed_rows += inserted
                 replaced += deleted
-                written += result[0] if result else 0
+                written += inserted
         logger.info(
             "Loaded %d data-point rows (%d replaced stored rows) from %d Parquet files in %d batches into %s",
             written, replaced, len(paths), batches, self.path,
@@ -399,6 +404,7 @@ class Warehouse:
                 written += result[0] if result else 0
             # The upsert counts inserted and updated rows together; the new rows grow the table.
             replaced = written - (self._row_count("revenue_buckets") - before)
+        self.committed_rows += written
         logger.info(
             "Loaded %d revenue-bucket rows (%d replaced stored rows) from %d Parquet files into %s",
             written, replaced, len(paths), self.path,
