@@ -188,11 +188,11 @@ def _last_run(warehouse_path: Path) -> dict[str, Any]:
 _LOG_LINE = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3}) \w+ [\w.]+: (.*)$", re.MULTILINE)
 _STAGE_MARKS = {
     "flow_start": re.compile(r"^Beginning flow run"),
-    "planned": re.compile(r"^Planned \d+ request windows"),
-    "fetched": re.compile(r"^Fetched (\d+) of \1 windows"),
-    "loaded": re.compile(r"^Loaded \d+ rows from \d+ Parquet files"),
+    "planned": re.compile(r"^Planned [\d,]+ request windows"),
+    "fetched": re.compile(r"^Fetched ([\d,]+) of \1 windows"),
+    "loaded": re.compile(r"^Loaded [\d,]+ rows from [\d,]+ Parquet files"),
     "models_built": re.compile(r"^Built \d+ SQL models"),
-    "checked": re.compile(r"^Checks: \d+ comparisons"),
+    "checked": re.compile(r"^Checks: [\d,]+ comparisons"),
     "flow_end": re.compile(r"^Finished in state"),
 }
 

@@ -18,10 +18,10 @@ from terralayr_etl.sandbox.organisation import synthetic_organisation
 
 LOG = """\
 2026-01-01 10:00:00,000 INFO prefect.flow_runs: Beginning flow run 'x' for flow 'nightly'
-2026-01-01 10:00:00,500 INFO prefect.flow_runs: Planned 10 request windows for 3 entities
-2026-01-01 10:00:01,000 INFO prefect.flow_runs: Fetched 5 of 10 windows
-2026-01-01 10:00:02,500 INFO prefect.flow_runs: Fetched 10 of 10 windows
-2026-01-01 10:00:03,000 INFO prefect.task_runs: Loaded 120 rows from 4 Parquet files
+2026-01-01 10:00:00,500 INFO prefect.flow_runs: Planned 1,210 request windows for 3 entities
+2026-01-01 10:00:01,000 INFO prefect.flow_runs: Fetched 605 of 1,210 windows
+2026-01-01 10:00:02,500 INFO prefect.flow_runs: Fetched 1,210 of 1,210 windows
+2026-01-01 10:00:03,000 INFO prefect.task_runs: Loaded 1,234,560 rows from 4 Parquet files
 2026-01-01 10:00:03,000 INFO prefect.task_runs: Finished in state Completed()
 2026-01-01 10:00:05,000 INFO prefect.flow_runs: Finished in state Completed()
 """

@@ -128,7 +128,7 @@ def _fetch_and_write(
         result.files = [str(path) for path in store.write_datapoints(inside)]
     if logger.isEnabledFor(logging.INFO):
         # describe() formats two instants, so skip it when the line is not logged.
-        logger.info("Fetched %s: %d page(s), %d rows", job.describe(), result.pages, result.rows)
+        logger.info("Fetched %s: %d page(s), %s rows", job.describe(), result.pages, f"{result.rows:,}")
     return result
 
 

@@ -146,7 +146,7 @@ def load_task(warehouse: Warehouse, discovery: Discovery, results: list[WindowRe
     warehouse.replace_entity_members(list(discovery.members))
     rows = warehouse.load_datapoints([Path(path) for path in datapoint_files])
     rows += warehouse.load_revenue_buckets([Path(path) for path in bucket_files])
-    get_run_logger().info("Loaded %d rows from %d Parquet files", rows, len(datapoint_files) + len(bucket_files))
+    get_run_logger().info("Loaded %s rows from %s Parquet files", f"{rows:,}", f"{len(datapoint_files) + len(bucket_files):,}")
     return rows
 
 
@@ -204,7 +204,7 @@ def _collect(futures: list[Any], window_count: int, log: Any) -> tuple[list[Wind
                 results.append(outcome)
             done += 1
             if done % step == 0 or done == window_count:
-                log.info("Fetched %d of %d windows (%d failed)", done, window_count, len(failures))
+                log.info("Fetched %s of %s windows (%s failed)", f"{done:,}", f"{window_count:,}", f"{len(failures):,}")
     results.sort(key=lambda result: _job_order(result.job))
     failures.sort(key=lambda failure: _job_order(failure.job))
     return results, failures
@@ -298,7 +298,7 @@ def nightly(
                 run_id, span.first_day, span.end_day, "incremental" if span.incremental else "fixed start", resolutions,
             )
             discovery, jobs = _plan(run_id, settings, warehouse, span, resolutions)
-            log.info("Planned %d request windows for %d entities", len(jobs), len(discovery.entities))
+            log.info("Planned %s request windows for %s entities", f"{len(jobs):,}", f"{len(discovery.entities):,}")
             results, failures = _fetch_all(run_id, jobs, settings.pipeline.windows_per_task)
             boundary = resolve_outside_rows(results, store)
             rows = load_task(warehouse, discovery, results, boundary.files)

@@ -274,10 +274,10 @@ def run_checks(
         failing_rows=_failing_rows(connection, max_failing_rows),
     )
 
-    log.info("Checks: %d comparisons, %d passed, %d failed", summary.total, passed, failed)
+    log.info("Checks: %s comparisons, %s passed, %s failed", f"{summary.total:,}", f"{passed:,}", f"{failed:,}")
     for check_name, statuses in by_check.items():
         if statuses["fail"]:
-            log.warning("Check %s failed on %d of %d rows", check_name, statuses["fail"], sum(statuses.values()))
+            log.warning("Check %s failed on %s of %s rows", check_name, f"{statuses['fail']:,}", f"{sum(statuses.values()):,}")
     return summary
 
 

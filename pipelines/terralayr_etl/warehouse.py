@@ -239,8 +239,8 @@ class Warehouse:
                 replaced += deleted
                 written += inserted
         logger.info(
-            "Loaded %d data-point rows (%d replaced stored rows) from %d Parquet files in %d batches into %s",
-            written, replaced, len(paths), batches, self.path,
+            "Loaded %s data-point rows (%s replaced stored rows) from %s Parquet files in %d batches into %s",
+            f"{written:,}", f"{replaced:,}", f"{len(paths):,}", batches, self.path,
         )  # fmt: skip
         return written
 
@@ -406,8 +406,8 @@ class Warehouse:
             replaced = written - (self._row_count("revenue_buckets") - before)
         self.committed_rows += written
         logger.info(
-            "Loaded %d revenue-bucket rows (%d replaced stored rows) from %d Parquet files into %s",
-            written, replaced, len(paths), self.path,
+            "Loaded %s revenue-bucket rows (%s replaced stored rows) from %s Parquet files into %s",
+            f"{written:,}", f"{replaced:,}", f"{len(paths):,}", self.path,
         )  # fmt: skip
         return written
 
