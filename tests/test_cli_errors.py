@@ -51,8 +51,15 @@ def test_full_disk_behind_other_error():
     assert "no space left on the device" in line
 
 
-@pytest.mark.parametrize(("notes", "where"), [([], "the traceback above"), ([RUN_NOTE], "the flow run's log above")])
-def test_other_error_is_crash_exit_5(notes: list[str], where: str):
+@pytest.mark.parametrize(
+    ("notes", "logged", "where"),
+    [
+        ([], False, "the traceback above"),
+        ([], True, "the flow run's log above"),
+        ([RUN_NOTE], True, "the flow run's log above"),
+    ],
+)
+def test_other_error_is_crash_exit_5(notes: list[str], logged: bool, where: str):
     connection = duckdb.connect()
     try:
         with pytest.raises(duckdb.BinderException) as raised:
@@ -60,7 +67,7 @@ def test_other_error_is_crash_exit_5(notes: list[str], where: str):
     finally:
         connection.close()
 
-    line, status = crash_line(raised.value, notes)
+    line, status = crash_line(raised.value, notes, logged=logged)
 
     assert status == CRASH_EXIT_STATUS
     assert line.startswith("error: terralayr-etl stopped on an unexpected BinderException: Binder Error:")

@@ -101,7 +101,7 @@ def _query_of(served) -> dict[str, str]:
     return {name: values[0] for name, values in parse_qs(served.query).items()}
 
 
-def test_flow_failing_after_load_records_loaded_rows(
+def test_failed_run_records_loaded_rows(
     org: SmallOrg, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run that fails in the SQL models, after its load committed, is marked failed with the
@@ -483,6 +483,25 @@ def test_cli_crash_exit_5(org: SmallOrg, prefect_harness, tmp_path) -> None:
     assert json.loads(report)["error"].startswith("BinderException: ")
     # Prefect logs the traceback for the task run and the flow run; the CLI adds none.
     assert done.stderr.count("Traceback (most recent call last)") == 2
+
+
+def test_cli_crash_before_run_recorded(org: SmallOrg, prefect_harness, tmp_path) -> None:
+    """A runs table changed by hand fails the flow before its run is recorded. The flow run's
+    log contains the traceback, so the CLI prints none and points at that log."""
+    data_dir = tmp_path / "data"
+    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
+        warehouse.connection.execute("alter table runs drop column status")
+
+    with serve_small_org(org) as (server, _):
+        env = cli_env(org, server.base_url, PREFECT_API_URL=harness_api_url())
+        done = run_cli(["run", "--start", START.isoformat(), "--end", END.isoformat(), "--data-dir", str(data_dir)], env)
+
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 5, done.stderr[-3000:]
+    assert last.startswith("error: terralayr-etl stopped on an unexpected BinderException")
+    assert "the traceback in the flow run's log above" in last
+    assert "Run " not in last
+    assert done.stderr.count("Traceback (most recent call last)") == 1
 
 
 def test_cli_crash_keeps_cause_when_record_fails(org: SmallOrg, prefect_harness, tmp_path) -> None:

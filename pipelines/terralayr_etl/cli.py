@@ -326,24 +326,31 @@ def _report_crash(exc: Exception) -> int:
         print_at_exit(_aborted_line(interrupt))
         return INTERRUPTED_EXIT_STATUS
     run_notes = _run_notes(exc)
-    line, status = crash_line(exc, run_notes)
-    if status == CRASH_EXIT_STATUS and not run_notes:
-        # A run note means the flow run has logged the traceback. An error raised in the flow
-        # before its run was recorded has no note, so its traceback may then appear twice.
+    logged = _logged_by_flow(exc)
+    line, status = crash_line(exc, run_notes, logged=logged)
+    if status == CRASH_EXIT_STATUS and not logged:
         traceback.print_exception(exc)
     print_at_exit(line)
     return status
 
 
-def crash_line(exc: BaseException, run_notes: list[str]) -> tuple[str, int]:
-    """Return the closing line for an error no other handler took, and the exit status."""
+def _logged_by_flow(exc: BaseException) -> bool:
+    flows = sys.modules.get("terralayr_etl.flows")  # not imported: no flow ran
+    return flows is not None and flows.logged_by_flow(exc)
+
+
+def crash_line(exc: BaseException, run_notes: list[str], *, logged: bool = False) -> tuple[str, int]:
+    """Return the closing line for an error no other handler took, and the exit status.
+
+    ``logged`` is True when the flow run's log already contains the traceback.
+    """
     committed = ["What the run committed before the error stays loaded, and a re-run adds no duplicates."] if run_notes else []
     full_disk = _full_disk_error(exc)
     if full_disk is not None:
         head = f"error: no space left on the device: {one_line(full_disk)}."
         return " ".join([head, *run_notes, *committed, "Free disk space there and run the same command again."]), 2
     head = f"error: terralayr-etl stopped on an unexpected {type(exc).__name__}: {one_line(exc)}."
-    where = "the traceback in the flow run's log above" if run_notes else "the traceback above"
+    where = "the traceback in the flow run's log above" if logged else "the traceback above"
     advice = f"Fix the cause and run the same command again, or report {where} if the error persists."
     return " ".join([head, *run_notes, *committed, advice]), CRASH_EXIT_STATUS
 

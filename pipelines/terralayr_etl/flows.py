@@ -260,6 +260,33 @@ def nightly(
     ``end`` the run stops before today. Credentials are read from the environment inside the
     run and are never flow parameters.
     """
+    try:
+        return _nightly(start, end, resolutions, data_dir, skip_checks)
+    except BaseException as exc:
+        # Prefect logs the traceback of an error that leaves the flow function.
+        mark_logged_by_flow(exc)
+        raise
+
+
+def mark_logged_by_flow(exc: BaseException) -> None:
+    """Mark ``exc`` as raised by the flow function, whose failure Prefect logs with the traceback."""
+    try:
+        setattr(exc, _LOGGED_BY_FLOW, True)
+    except (AttributeError, TypeError):  # an exception type without attributes of its own
+        pass
+
+
+def logged_by_flow(exc: BaseException) -> bool:
+    """Return True when ``exc`` left the ``nightly`` flow function, so its traceback is in the run's log."""
+    return bool(getattr(exc, _LOGGED_BY_FLOW, False))
+
+
+_LOGGED_BY_FLOW = "_terralayr_logged_by_flow"
+
+
+def _nightly(
+    start: str | None, end: str | None, resolutions: list[str] | None, data_dir: str | None, skip_checks: bool
+) -> dict:
     settings = load_settings()
     credentials = load_credentials()
     resolutions = check_resolutions(resolutions or settings.pipeline.resolutions, settings)
