@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from terralayr_etl.config import CONFIG_DIR, load_settings
+from terralayr_etl import models, warehouse
+from terralayr_etl.config import CONFIG_DIR, PipelineSettings, load_settings
 from terralayr_etl.errors import TerralayrError
 
 FIRST_MEMBER = '"38421b10-96fe-569f-8d56-bff0ee2dc95b",'
@@ -41,3 +42,14 @@ def test_settings_reject_zero_step_rows(tmp_path: Path, key: str):
 
     assert f"pipeline.{key}" in str(raised.value)
     assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "code_default"),
+    [("load_batch_rows", warehouse.ROWS_PER_BATCH), ("check_chunk_rows", models.CHECK_CHUNK_ROWS)],
+)
+def test_step_rows_defaults_agree(key: str, code_default: int):
+    # The sizes appear in three places: the code's constant (used without settings), the
+    # settings model's default and the shipped terralayr.toml.
+    assert getattr(PipelineSettings(), key) == code_default
+    assert getattr(load_settings(CONFIG_DIR / "terralayr.toml").pipeline, key) == code_default
