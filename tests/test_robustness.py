@@ -444,7 +444,7 @@ def test_flow_step_sizes_from_config(
         default = _run(org, server, tmp_path / "default", start=START, end=END)
 
     # One batch per Parquet file, one chunk per local day; the same rows and check results.
-    loaded = re.search(r"from (\d+) Parquet files in (\d+) batches", tiny_log)
+    loaded = re.search(r"from ([\d,]+) Parquet files in (\d+) batches", tiny_log)
     assert loaded is not None and loaded.group(1) == loaded.group(2) != "1"
     assert f"check tables in {(END - START).days} chunks of days" in tiny_log
     assert "chunks of days" not in caplog.text

@@ -159,5 +159,5 @@ def _log_conflicts(every: pl.DataFrame) -> int:
             offers,
         )
     if grouped.height > _MAX_CONFLICT_WARNINGS:
-        logger.warning("%d keys in total had different values from two windows", grouped.height)
+        logger.warning("%s keys in total had different values from two windows", f"{grouped.height:,}")
     return grouped.height

@@ -163,7 +163,7 @@ def model_and_check_task(
     built = run_models(warehouse.connection, check_days=check_days, chunk_rows=chunk_rows)
     summary = run_checks(warehouse.connection)
     get_run_logger().info(
-        "Built %d models; checks: %d passed, %d failed", len(built), summary.passed, summary.failed
+        "Built %d models; checks: %s passed, %s failed", len(built), f"{summary.passed:,}", f"{summary.failed:,}"
     )
     return asdict(summary)
 

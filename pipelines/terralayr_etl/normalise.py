@@ -481,7 +481,7 @@ def _drop_earlier_duplicates(
             row[instant_column].isoformat(),
         )
     if dropped.height > _MAX_DUPLICATE_WARNINGS:
-        logger.warning("Response from %s has %d duplicate instants in total", endpoint, dropped.height)
+        logger.warning("Response from %s has %s duplicate instants in total", endpoint, f"{dropped.height:,}")
 
     kept = frame.filter(is_last).drop("_row").to_arrow().cast(table.schema)
     return kept, dropped.height

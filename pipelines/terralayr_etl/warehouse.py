@@ -239,8 +239,8 @@ class Warehouse:
                 replaced += deleted
                 written += inserted
         logger.info(
-            "Loaded %s data-point rows (%s replaced stored rows) from %s Parquet files in %d batches into %s",
-            f"{written:,}", f"{replaced:,}", f"{len(paths):,}", batches, self.path,
+            "Loaded %s data-point rows (%s replaced stored rows) from %s Parquet files in %d %s into %s",
+            f"{written:,}", f"{replaced:,}", f"{len(paths):,}", batches, "batch" if batches == 1 else "batches", self.path,
         )  # fmt: skip
         return written
 
@@ -432,7 +432,7 @@ class Warehouse:
                     "(select virtual_asset_id from _incoming_virtual_assets)"
                 )
             self._insert_arrow("virtual_assets", table)
-        logger.info("Stored %d virtual assets in %s", table.num_rows, self.path)
+        logger.info("Stored %s virtual assets in %s", f"{table.num_rows:,}", self.path)
 
     def replace_entity_members(self, rows: list[tuple[str, str, str]]) -> None:
         """Replace the memberships of the virtual assets named in ``rows``.
@@ -457,7 +457,7 @@ class Warehouse:
                     "(select virtual_asset_id from _incoming_members)"
                 )
             self._insert_arrow("entity_members", table)
-        logger.info("Stored %d entity members in %s", table.num_rows, self.path)
+        logger.info("Stored %s entity members in %s", f"{table.num_rows:,}", self.path)
 
     def start_run(self, run_id: str, code_version: str, parameters: dict[str, Any]) -> None:
         """Record a run as started now, with status ``running``."""
