@@ -509,3 +509,12 @@ def test_run_models_one_pass_when_check_reads_check(tmp_path):
 def test_run_checks_before_models_raises(connection):
     with pytest.raises(ModelError, match="call run_models"):
         run_checks(connection)
+
+
+def test_model_error_gives_line_of_file(tmp_path):
+    write_models(tmp_path, {"marts/mart_lines.sql": "-- materialized: table\n\nselect *\nfrom missing_table"})
+    with duckdb.connect() as connection, pytest.raises(ModelError) as raised:
+        run_models(connection, tmp_path)
+
+    assert "LINE 4: from missing_table" in str(raised.value)
+    assert str(raised.value).endswith("Otherwise fix the SQL.")

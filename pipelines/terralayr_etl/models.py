@@ -289,12 +289,12 @@ def _read_model(path: Path, folder: str, prefix: str) -> Model:
             "with lowercase letters, digits and '_'"
         )
 
-    sql = path.read_text(encoding="utf-8").strip().rstrip(";").rstrip()
+    sql = path.read_text(encoding="utf-8").rstrip().rstrip(";").rstrip()
     if not sql:
         raise ModelError(f"SQL model file {path} is empty; write a select statement or delete the file")
 
     materialized = "view"
-    first_line = sql.splitlines()[0]
+    first_line = sql.lstrip().splitlines()[0]
     match = _MATERIALIZED.fullmatch(first_line.strip())
     if match:
         materialized = match.group(1).lower()
@@ -469,13 +469,14 @@ def _build_model(connection: duckdb.DuckDBPyConnection, model: Model) -> None:
         connection.execute(f'drop table "{model.name}"')
 
     try:
-        connection.execute(f'create or replace {model.materialized} "{model.name}" as\n{model.sql}\n')
+        # The SQL starts on the first line, so that DuckDB's "LINE n" is line n of the file.
+        connection.execute(f'create or replace {model.materialized} "{model.name}" as {model.sql}\n')
     except duckdb.Error as exc:
         raise ModelError(
             f"SQL model {model.name} ({model.path}) failed to build: {one_line(exc)}. If the SQL "
             "is as shipped, a warehouse table it reads is missing or was changed by hand: load a new "
             "warehouse with 'terralayr-etl run' first, or restore the table as docs/data-model.md "
-            "describes it (or start over, docs/operations.md). Otherwise fix the SQL"
+            "describes it (or start over, docs/operations.md). Otherwise fix the SQL."
         ) from exc
     log.debug("Built %s %s in %.2f s", model.materialized, model.name, time.perf_counter() - started)
 
