@@ -42,7 +42,7 @@ _ARENA_COUNT = textwrap.dedent(
 
 
 def _run(code: str, **environment: str) -> str:
-    env = {key: value for key, value in os.environ.items() if key != "ARROW_DEFAULT_MEMORY_POOL"}
+    env = {key: value for key, value in os.environ.items() if key not in ("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_ARENA_MAX")}
     env.update(environment)
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return completed.stdout.strip()
@@ -68,5 +68,19 @@ def test_malloc_arenas_stay_at_limit() -> None:
     from terralayr_etl.allocators import MALLOC_ARENAS
 
     arenas = int(_run(_ARENA_COUNT))
+
+    assert 1 <= arenas <= MALLOC_ARENAS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc arenas are glibc's")
+def test_child_process_inherits_arena_limit() -> None:
+    # A flow run of 'terralayr-etl serve' runs in a child process that starts Prefect's threads
+    # before it imports this package, too late for the package's own call to set the limit.
+    from terralayr_etl.allocators import MALLOC_ARENAS
+
+    child = _ARENA_COUNT.replace("import terralayr_etl\n", "")
+    parent = f"import subprocess, sys, terralayr_etl\nsubprocess.run([sys.executable, '-c', {child!r}], check=True)"
+
+    arenas = int(_run(parent))
 
     assert 1 <= arenas <= MALLOC_ARENAS

@@ -32,8 +32,14 @@ _M_ARENA_MAX = -8
 
 
 def configure_allocators() -> None:
-    """Limit glibc's malloc arenas and make Arrow's default pool the system allocator."""
+    """Limit glibc's malloc arenas and make Arrow's default pool the system allocator.
+
+    Both also go into the environment, unless it sets them already, so that the processes
+    this one starts get them from their first allocation. The flow runs of
+    ``terralayr-etl serve`` run in such processes, which import Prefect before this package.
+    """
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    os.environ.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
     library = ctypes.util.find_library("c")
     if library is None:
         return
