@@ -73,14 +73,27 @@ def test_malloc_arenas_stay_at_limit() -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc arenas are glibc's")
-def test_child_process_inherits_arena_limit() -> None:
+def test_child_process_gets_arena_limit() -> None:
     # A flow run of 'terralayr-etl serve' runs in a child process that starts Prefect's threads
     # before it imports this package, too late for the package's own call to set the limit.
     from terralayr_etl.allocators import MALLOC_ARENAS
 
     child = _ARENA_COUNT.replace("import terralayr_etl\n", "")
-    parent = f"import subprocess, sys, terralayr_etl\nsubprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    assert "terralayr_etl" not in child
+    parent = (
+        "import subprocess, sys\nfrom terralayr_etl.allocators import limit_child_arenas\n"
+        f"limit_child_arenas()\nsubprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    )
 
     arenas = int(_run(parent))
 
     assert 1 <= arenas <= MALLOC_ARENAS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc arenas are glibc's")
+def test_environment_arena_limit_wins() -> None:
+    from terralayr_etl.allocators import MALLOC_ARENAS
+
+    arenas = int(_run(_ARENA_COUNT, MALLOC_ARENA_MAX="6"))
+
+    assert MALLOC_ARENAS < arenas <= 6

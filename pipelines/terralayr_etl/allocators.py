@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 MALLOC_ARENAS = 2
 """At most this many glibc malloc arenas, the main one included."""
 
+ARENA_VARIABLE = "MALLOC_ARENA_MAX"
+"""The environment variable from which glibc reads its arena limit at process start."""
+
 _M_ARENA_MAX = -8
 """glibc's mallopt parameter number for the arena limit (malloc.h)."""
 
@@ -34,12 +37,11 @@ _M_ARENA_MAX = -8
 def configure_allocators() -> None:
     """Limit glibc's malloc arenas and make Arrow's default pool the system allocator.
 
-    Both also go into the environment, unless it sets them already, so that the processes
-    this one starts get them from their first allocation. The flow runs of
-    ``terralayr-etl serve`` run in such processes, which import Prefect before this package.
+    A ``MALLOC_ARENA_MAX`` in the environment wins: glibc applied it when the process started.
     """
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    os.environ.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
+    if ARENA_VARIABLE in os.environ:
+        return
     library = ctypes.util.find_library("c")
     if library is None:
         return
@@ -50,3 +52,13 @@ def configure_allocators() -> None:
         logger.debug("No mallopt in %s; the malloc arena limit is not set", library)
         return
     mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
+def limit_child_arenas() -> None:
+    """Pass the arena limit on to the processes this one starts, unless the environment sets one.
+
+    Prefect's runner starts each flow run of ``terralayr-etl serve`` in a child process that
+    starts Prefect's threads before it imports this package, too late for ``mallopt``. glibc
+    reads the variable before the child's first allocation.
+    """
+    os.environ.setdefault(ARENA_VARIABLE, str(MALLOC_ARENAS))

@@ -163,8 +163,10 @@ def serve(
     """Serve the nightly flow as a Prefect deployment on a cron schedule (Europe/Berlin)."""
     from prefect.schedules import Cron
 
+    from terralayr_etl.allocators import limit_child_arenas
     from terralayr_etl.flows import nightly
 
+    limit_child_arenas()
     nightly.serve(name="nightly", schedules=[Cron(cron, timezone="Europe/Berlin")])
 
 
