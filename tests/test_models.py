@@ -511,10 +511,29 @@ def test_run_checks_before_models_raises(connection):
         run_checks(connection)
 
 
-def test_model_error_gives_line_of_file(tmp_path):
-    write_models(tmp_path, {"marts/mart_lines.sql": "-- materialized: table\n\nselect *\nfrom missing_table"})
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("-- materialized: table\n\nselect *\nfrom missing_table", 4),
+        ("\n-- materialized: table\n-- a comment\nselect *\nfrom missing_table", 5),
+        ("-- materialized: view\r\nselect *\r\nfrom missing_table", 3),
+    ],
+)
+def test_model_error_gives_line_of_file(tmp_path, text: str, line: int):
+    write_models(tmp_path, {"marts/mart_lines.sql": text})
     with duckdb.connect() as connection, pytest.raises(ModelError) as raised:
         run_models(connection, tmp_path)
 
-    assert "LINE 4: from missing_table" in str(raised.value)
+    assert f"LINE {line}: from missing_table" in str(raised.value)
     assert str(raised.value).endswith("Otherwise fix the SQL.")
+
+
+def test_materialization_after_blank_line(tmp_path):
+    write_models(tmp_path, {"marts/mart_blank.sql": "\n-- materialized: table\nselect 1 as x"})
+    with duckdb.connect() as connection:
+        run_models(connection, tmp_path)
+
+        table_type = connection.execute(
+            "select table_type from information_schema.tables where table_name = 'mart_blank'"
+        ).fetchone()[0]
+    assert table_type == "BASE TABLE"

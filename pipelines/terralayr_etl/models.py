@@ -300,7 +300,7 @@ def _read_model(path: Path, folder: str, prefix: str) -> Model:
         materialized = match.group(1).lower()
         if materialized not in ("view", "table"):
             raise ModelError(
-                f"invalid materialization {match.group(1)!r} in the first line of {path}; "
+                f"invalid materialization {match.group(1)!r} in the first non-blank line of {path}; "
                 "use '-- materialized: table' or '-- materialized: view'"
             )
     return Model(name=name, path=path, folder=folder, materialized=materialized, sql=sql)
@@ -484,11 +484,12 @@ def _build_model(connection: duckdb.DuckDBPyConnection, model: Model) -> None:
 def _append_to_model(connection: duckdb.DuckDBPyConnection, model: Model) -> None:
     """Insert the rows of a table model's query into the table that ``_build_model`` created."""
     try:
-        connection.execute(f'insert into "{model.name}"\nselect * from (\n{model.sql}\n)\n')
+        # As in _build_model, the SQL starts on the first line to keep DuckDB's line numbers.
+        connection.execute(f'insert into "{model.name}" select * from ({model.sql}\n)\n')
     except duckdb.Error as exc:
         raise ModelError(
-            f"SQL model {model.name} ({model.path}) failed for a chunk of check days: {exc}; "
-            "fix the SQL, or pass a larger chunk_rows to check every day in one pass"
+            f"SQL model {model.name} ({model.path}) failed for a chunk of check days: {one_line(exc)}. "
+            "Fix the SQL, or pass a larger chunk_rows to check every day in one pass."
         ) from exc
 
 
