@@ -36,6 +36,21 @@ def test_stage_durations_from_log_lines():
     assert stages["flow_s"] == 5.0
 
 
+RUN_LOG = LOG.replace(
+    "2026-01-01 10:00:05,000 INFO prefect.flow_runs: Finished in state Completed()\n",
+    "2026-01-01 10:00:04,000 INFO prefect.task_runs: Built 19 SQL models from /sql in 0.9 s\n"
+    "2026-01-01 10:00:04,250 INFO prefect.task_runs: Checks: 62,758 comparisons, 62,758 passed, 0 failed\n"
+    "2026-01-01 10:00:05,000 INFO prefect.flow_runs: Finished in state Completed()\n",
+)
+
+
+def test_stage_durations_of_models_and_checks():
+    stages = stage_durations(RUN_LOG)
+
+    assert stages["models_s"] == 1.0
+    assert stages["checks_s"] == 0.25
+
+
 def test_stage_durations_missing_marker_is_none():
     stages = stage_durations(LOG)
 

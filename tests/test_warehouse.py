@@ -375,6 +375,22 @@ def test_warehouse_failed_batch_keeps_earlier_batches(tmp_path: Path, warehouse:
     assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (8,)
 
 
+def test_failed_bucket_load_keeps_committed_count(tmp_path: Path, warehouse: Warehouse):
+    store = ParquetStore(tmp_path / "good")
+    loaded = warehouse.load_datapoints(store.write_datapoints(_datapoints(4)))
+    # A bucket file without revenue columns fails the bucket load, which is one transaction.
+    bad = tmp_path / "bad" / "product=tolling" / "month=2025-01" / "broken.parquet"
+    bad.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"entity_id": [VA_ID], "bucket_start": [DAY]}), bad)
+
+    with pytest.raises(duckdb.Error):
+        warehouse.load_revenue_buckets([bad])
+
+    assert loaded == 8
+    assert warehouse.committed_rows == 8
+    assert warehouse.connection.execute("select count(*) from revenue_buckets").fetchone() == (0,)
+
+
 def test_warehouse_load_empty_list_returns_zero(warehouse: Warehouse):
     assert warehouse.load_datapoints([]) == 0
     assert warehouse.load_revenue_buckets([]) == 0

@@ -263,7 +263,7 @@ def nightly(
     try:
         return _nightly(start, end, resolutions, data_dir, skip_checks)
     except BaseException as exc:
-        # Prefect logs the traceback of an error that leaves the flow function.
+        # Prefect (3.9) logs the traceback of an error that leaves the flow function.
         mark_logged_by_flow(exc)
         raise
 
@@ -272,7 +272,9 @@ def mark_logged_by_flow(exc: BaseException) -> None:
     """Mark ``exc`` as raised by the flow function, whose failure Prefect logs with the traceback."""
     try:
         setattr(exc, _LOGGED_BY_FLOW, True)
-    except (AttributeError, TypeError):  # an exception type without attributes of its own
+    except (AttributeError, TypeError):
+        # An exception whose __setattr__ rejects new attributes, such as a frozen dataclass:
+        # the CLI then prints its traceback, which may then appear twice.
         pass
 
 
