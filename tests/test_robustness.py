@@ -455,17 +455,23 @@ def test_flow_step_sizes_from_config(
     )
 
 
+def _run_cli_on_changed_warehouse(org: SmallOrg, data_dir: Path, *changes: str) -> subprocess.CompletedProcess:
+    """Apply ``changes`` to a new warehouse by hand, then run the CLI's 'run' into it."""
+    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
+        for statement in changes:
+            warehouse.connection.execute(statement)
+
+    with serve_small_org(org) as (server, _):
+        env = cli_env(org, server.base_url, PREFECT_API_URL=harness_api_url())
+        return run_cli(["run", "--start", START.isoformat(), "--end", END.isoformat(), "--data-dir", str(data_dir)], env)
+
+
 def test_cli_crash_exit_5(org: SmallOrg, prefect_harness, tmp_path) -> None:
     """A warehouse table changed by hand makes the load fail inside DuckDB. The CLI exits 5 (not
     1, which means a check failed), its last line names the error and the run, the traceback
     appears once, and the run's row has status failed and the error."""
     data_dir = tmp_path / "data"
-    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
-        warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
-
-    with serve_small_org(org) as (server, _):
-        env = cli_env(org, server.base_url, PREFECT_API_URL=harness_api_url())
-        done = run_cli(["run", "--start", START.isoformat(), "--end", END.isoformat(), "--data-dir", str(data_dir)], env)
+    done = _run_cli_on_changed_warehouse(org, data_dir, "alter table virtual_assets drop column delivery_zone")
 
     assert done.returncode == 5, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -488,13 +494,7 @@ def test_cli_crash_exit_5(org: SmallOrg, prefect_harness, tmp_path) -> None:
 def test_cli_crash_before_run_recorded(org: SmallOrg, prefect_harness, tmp_path) -> None:
     """A runs table changed by hand fails the flow before its run is recorded. The flow run's
     log contains the traceback, so the CLI prints none and points at that log."""
-    data_dir = tmp_path / "data"
-    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
-        warehouse.connection.execute("alter table runs drop column status")
-
-    with serve_small_org(org) as (server, _):
-        env = cli_env(org, server.base_url, PREFECT_API_URL=harness_api_url())
-        done = run_cli(["run", "--start", START.isoformat(), "--end", END.isoformat(), "--data-dir", str(data_dir)], env)
+    done = _run_cli_on_changed_warehouse(org, tmp_path / "data", "alter table runs drop column status")
 
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 5, done.stderr[-3000:]
@@ -507,14 +507,12 @@ def test_cli_crash_before_run_recorded(org: SmallOrg, prefect_harness, tmp_path)
 def test_cli_crash_keeps_cause_when_record_fails(org: SmallOrg, prefect_harness, tmp_path) -> None:
     """With the runs table also changed by hand, recording the failed run fails too. The closing
     line still names the load's error and reports that the run could not be marked failed."""
-    data_dir = tmp_path / "data"
-    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
-        warehouse.connection.execute("alter table virtual_assets drop column delivery_zone")
-        warehouse.connection.execute("alter table runs drop column check_summary")
-
-    with serve_small_org(org) as (server, _):
-        env = cli_env(org, server.base_url, PREFECT_API_URL=harness_api_url())
-        done = run_cli(["run", "--start", START.isoformat(), "--end", END.isoformat(), "--data-dir", str(data_dir)], env)
+    done = _run_cli_on_changed_warehouse(
+        org,
+        tmp_path / "data",
+        "alter table virtual_assets drop column delivery_zone",
+        "alter table runs drop column check_summary",
+    )
 
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 5, done.stderr[-3000:]
