@@ -172,6 +172,7 @@ def replay(folder: Path, data_dir: Path, *, workers: int | None = None) -> dict[
     started, started_cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(workers) as pool:
         results: list[WindowResult] = list(pool.map(lambda job: fetch_window(client, store, job, RUN_ID), [job for job, _ in recorded]))
+    store.sync_folders()
     written, written_cpu = time.perf_counter(), time.process_time()
     with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
         rows = warehouse.load_datapoints(sorted({Path(path) for result in results if not result.job.product for path in result.files}))

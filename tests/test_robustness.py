@@ -127,6 +127,30 @@ def test_failed_run_records_loaded_rows(
     assert rows == stored
 
 
+def test_flow_syncs_folders_before_load(org: SmallOrg, prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    """The renames of a run's Parquet files reach the disk before the load reads the files."""
+    events: list[str] = []
+    real_sync, real_load = ParquetStore.sync_folders, Warehouse.load_datapoints
+
+    def recording_sync(store: ParquetStore) -> int:
+        synced = real_sync(store)
+        events.append(f"synced {synced}")
+        return synced
+
+    def recording_load(warehouse: Warehouse, files) -> int:
+        events.append("load")
+        return real_load(warehouse, files)
+
+    monkeypatch.setattr(ParquetStore, "sync_folders", recording_sync)
+    monkeypatch.setattr(Warehouse, "load_datapoints", recording_load)
+    with serve_small_org(org) as (server, _):
+        _run(org, server, tmp_path / "data", start=START, end=END)
+
+    assert events[-1] == "load"
+    assert events[-2].startswith("synced ")
+    assert int(events[-2].removeprefix("synced ")) > 0
+
+
 # Quarantine and failed windows
 
 

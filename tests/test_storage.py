@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,6 +75,32 @@ def test_store_layout_uses_berlin_month(tmp_path: Path):
     ]
     assert _files_under(tmp_path) == expected
     assert sorted(str(path.relative_to(tmp_path)) for path in written) == expected
+
+
+def test_store_syncs_each_folder_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    synced_folders: list[str] = []
+    real_fsync = storage.os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
+            synced_folders.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(storage.os, "fsync", recording_fsync)
+    store = ParquetStore(tmp_path)
+    # Two days in October and two in November: two files in each of two month folders.
+    for day in (27, 30):
+        store.write_datapoints(_datapoints(datetime(2025, 10, day, tzinfo=UTC), 4))
+    for day in (3, 10):
+        store.write_datapoints(_datapoints(datetime(2025, 11, day, tzinfo=UTC), 4))
+    folders_before_sync = list(synced_folders)
+
+    synced = store.sync_folders()
+
+    assert folders_before_sync == []
+    assert synced == 2
+    assert sorted(Path(folder).name for folder in synced_folders) == ["month=2025-10", "month=2025-11"]
+    assert store.sync_folders() == 0
 
 
 def test_store_splits_window_at_month_end(tmp_path: Path):

@@ -330,6 +330,7 @@ def _nightly(
             log.info("Planned %s request windows for %s entities", f"{len(jobs):,}", f"{len(discovery.entities):,}")
             results, failures = _fetch_all(run_id, jobs, settings.pipeline.windows_per_task)
             boundary = resolve_outside_rows(results, store)
+            store.sync_folders()
             rows = load_task(warehouse, discovery, results, boundary.files)
             failed_series = sorted({failure.job.series_key() for failure in failures})
             warehouse.update_watermarks(resolutions, exclude=failed_series)
