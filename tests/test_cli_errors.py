@@ -93,3 +93,14 @@ def test_error_after_ctrl_c_is_interrupt_exit_130(monkeypatch: pytest.MonkeyPatc
     assert status == 130
     assert cli._CLOSING_LINES[-1].startswith("aborted: the run stopped on Ctrl+C.")
     assert "run the same command again" in cli._CLOSING_LINES[-1]
+
+
+def test_sigterm_line_and_exit_143(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(cli, "_CLOSING_LINES", [])
+    try:
+        raise RuntimeError("the run stopped") from cli.Terminated()
+    except RuntimeError as exc:
+        status = cli._report_crash(exc)
+
+    assert status == 143
+    assert cli._CLOSING_LINES[-1].startswith("stopped: the run received SIGTERM.")

@@ -112,14 +112,20 @@ def _start_run(data_dir: Path, log: Path, env: dict) -> subprocess.Popen[bytes]:
         )
 
 
-def _interrupt_during_fetch(data_dir: Path, log: Path, env: dict) -> int | None:
-    """Start a run, send SIGINT to its process group (as Ctrl+C does) once it has written
-    Parquet, and return its exit status. A run that does not exit within 60 s is killed."""
+def _interrupt_during_fetch(data_dir: Path, log: Path, env: dict, *, sigterm: bool = False) -> int | None:
+    """Start a run, stop it once it has written Parquet, and return its exit status.
+
+    The run's process group gets SIGINT, as Ctrl+C sends it, or with ``sigterm`` the run's
+    process alone gets SIGTERM, as docker stop sends it. A run that does not exit within 60 s
+    is killed."""
     process = _start_run(data_dir, log, env)
     try:
         wait_for(lambda: _parquet_written(log, data_dir) or process.poll() is not None, 120, "the fetch to start")
         assert process.poll() is None, "the run ended before it could be interrupted"
-        os.killpg(process.pid, signal.SIGINT)
+        if sigterm:
+            os.kill(process.pid, signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=60)
     finally:
         if process.poll() is None:
@@ -172,5 +178,27 @@ def test_ctrl_c_keeps_temporary_server_until_exit(served: dict, tmp_path) -> Non
     assert text.strip().splitlines()[-1].startswith("aborted: the run stopped on Ctrl+C. Run ")
     assert server is not None, text[-3000:]
     assert f"Stopping temporary server on {server.group(1)}" in text
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.group(1)}/api/health", timeout=5)
+
+
+def test_sigterm_run_exit_143_stops_server(served: dict, tmp_path) -> None:
+    """SIGTERM during the fetch, without PREFECT_API_URL: the run records its end, exits with 143
+    and one 'stopped' line that names the run, and Prefect's temporary server stops with it.
+    Before, the process ended at once, without a closing line, and the server kept running."""
+    env = {name: value for name, value in served.items() if name != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    data_dir = tmp_path / "data"
+    log = tmp_path / "terminated.stderr"
+    returncode = _interrupt_during_fetch(data_dir, log, env, sigterm=True)
+
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    server = re.search(r"Starting temporary server on (http://127\.0\.0\.1:\d+)", text)
+    assert returncode == 143, text[-3000:]
+    assert last.startswith("stopped: the run received SIGTERM. Run "), last
+    assert "is marked failed" in last
+    assert _run_statuses(data_dir) == ["failed"]
+    assert server is not None, text[-3000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.group(1)}/api/health", timeout=5)

@@ -121,7 +121,7 @@ def run(
         )
     except KeyboardInterrupt as exc:
         print_at_exit(_aborted_line(exc))
-        raise typer.Exit(INTERRUPTED_EXIT_STATUS) from None
+        raise typer.Exit(_interrupted_status(exc)) from None
     _print_run(summary)
     raise typer.Exit(exit_code(summary))
 
@@ -260,8 +260,12 @@ def _print_closing_lines() -> None:
 def main() -> None:
     """Entry point: run the CLI, turning project errors into one line and exit status 2."""
     import atexit
+    import signal
 
     atexit.register(_print_closing_lines)
+    # Without a handler SIGTERM (systemctl stop, docker stop) ended the process at once: no
+    # closing line, and Prefect's temporary server, stopped by an exit handler, kept running.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per HTTP request drowns the progress lines; retries and errors are logged by the client.
     for noisy in ("httpx", "httpcore"):
@@ -275,8 +279,9 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt) as exc:
-        print_at_exit(" ".join(["aborted", *_run_notes(exc)]))
-        sys.exit(INTERRUPTED_EXIT_STATUS)
+        head = "stopped on SIGTERM" if isinstance(exc, Terminated) else "aborted"
+        print_at_exit(" ".join([head, *_run_notes(exc)]))
+        sys.exit(_interrupted_status(exc))
     except Exception as exc:
         import click
 
@@ -292,6 +297,22 @@ def main() -> None:
 
 CRASH_EXIT_STATUS = 5
 INTERRUPTED_EXIT_STATUS = 130
+TERMINATED_EXIT_STATUS = 143
+"""128 + SIGTERM, as a shell reports a process that SIGTERM ended."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived. It stops a run as Ctrl+C does, through the same handlers."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    # During a flow run Prefect's own handler turns SIGTERM into its TerminationSignal, lets
+    # the flow record its end, then sends SIGTERM again, which reaches this handler.
+    raise Terminated()
+
+
+def _interrupted_status(interrupt: BaseException) -> int:
+    return TERMINATED_EXIT_STATUS if isinstance(interrupt, Terminated) else INTERRUPTED_EXIT_STATUS
 
 
 def _run_notes(exc: BaseException) -> list[str]:
@@ -300,13 +321,22 @@ def _run_notes(exc: BaseException) -> list[str]:
     if flows is None:
         return []
     prefix = flows.RUN_NOTE_PREFIX
-    return [f"Run {note.removeprefix(prefix)}." for note in getattr(exc, "__notes__", []) if note.startswith(prefix)]
+    # After SIGTERM the note is on Prefect's TerminationSignal, from which Terminated came.
+    for error in _error_chain(exc):
+        notes = [f"Run {note.removeprefix(prefix)}." for note in getattr(error, "__notes__", []) if note.startswith(prefix)]
+        if notes:
+            return notes
+    return []
 
 
 def _aborted_line(interrupt: BaseException) -> str:
+    if isinstance(interrupt, Terminated):
+        head = "stopped: the run received SIGTERM."
+    else:
+        head = "aborted: the run stopped on Ctrl+C."
     return " ".join(
         [
-            "aborted: the run stopped on Ctrl+C.",
+            head,
             *_run_notes(interrupt),
             "What it committed stays loaded; run the same command again to complete it (a re-run adds "
             "no duplicates).",
@@ -326,7 +356,7 @@ def _report_crash(exc: Exception) -> int:
     interrupt = _cause_of_type(exc, KeyboardInterrupt)
     if interrupt is not None:
         print_at_exit(_aborted_line(interrupt))
-        return INTERRUPTED_EXIT_STATUS
+        return _interrupted_status(interrupt)
     run_notes = _run_notes(exc)
     logged = _logged_by_flow(exc)
     line, status = crash_line(exc, run_notes, logged=logged)
