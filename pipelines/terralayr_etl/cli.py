@@ -263,8 +263,8 @@ def main() -> None:
     import signal
 
     atexit.register(_print_closing_lines)
-    # Without a handler SIGTERM (systemctl stop, docker stop) ended the process at once: no
-    # closing line, and Prefect's temporary server, stopped by an exit handler, kept running.
+    # SIGTERM's default action (systemctl stop, docker stop) skips the exit handlers, which
+    # print the closing line and stop Prefect's temporary server.
     signal.signal(signal.SIGTERM, _raise_terminated)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per HTTP request drowns the progress lines; retries and errors are logged by the client.
@@ -302,7 +302,7 @@ TERMINATED_EXIT_STATUS = 143
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived. It stops a run as Ctrl+C does, through the same handlers."""
+    """Exception raised in the main thread on SIGTERM, which stops a run as Ctrl+C does."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
