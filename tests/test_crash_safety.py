@@ -91,12 +91,14 @@ def test_killed_run_rerun_matches_uninterrupted(scenario: str, served: dict, uni
     for path in (data_dir / "parquet").rglob("*.parquet"):
         assert pq.read_table(path).num_rows > 0, path
     assert _run_statuses(data_dir) == ["running"]
+    committed_rows = _stored_rows(data_dir)
 
     done = run_cli([*ARGS, "--data-dir", str(data_dir)], served)
     assert done.returncode == 0, done.stderr[-3000:]
     assert warehouse_digest(data_dir / "warehouse.duckdb") == uninterrupted["warehouse"]
     assert parquet_digest(data_dir) == uninterrupted["parquet"]
     assert _run_statuses(data_dir) == ["killed", "success"]
+    assert _run_rows(data_dir)[0] == committed_rows
 
 
 def _start_run(data_dir: Path, log: Path, env: dict) -> subprocess.Popen[bytes]:
@@ -134,13 +136,25 @@ def _interrupt_during_fetch(data_dir: Path, log: Path, env: dict, *, sigterm: bo
     return process.returncode
 
 
-def _run_statuses(data_dir: Path) -> list[str]:
+def _query(data_dir: Path, sql: str) -> list[tuple]:
     # A read-write connection replays the write-ahead log the killed process left.
     connection = duckdb.connect(str(data_dir / "warehouse.duckdb"))
     try:
-        return [row[0] for row in connection.execute("select status from runs order by started_at").fetchall()]
+        return connection.execute(sql).fetchall()
     finally:
         connection.close()
+
+
+def _run_statuses(data_dir: Path) -> list[str]:
+    return [row[0] for row in _query(data_dir, "select status from runs order by started_at")]
+
+
+def _run_rows(data_dir: Path) -> list[int]:
+    return [row[0] for row in _query(data_dir, "select rows from runs order by started_at")]
+
+
+def _stored_rows(data_dir: Path) -> int:
+    return _query(data_dir, "select (select count(*) from datapoints) + (select count(*) from revenue_buckets)")[0][0]
 
 
 def test_ctrl_c_run_exit_130_rerun_matches(served: dict, uninterrupted: dict, tmp_path) -> None:

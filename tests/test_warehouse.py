@@ -663,6 +663,20 @@ def test_warehouse_run_record_round_trip(warehouse: Warehouse):
     assert row == ("success", "0.1.0", "2025-01-01", 3, 5, 1, 900, "4", True)
 
 
+def test_unfinished_runs_record_stored_rows(tmp_path: Path, warehouse: Warehouse):
+    store = ParquetStore(tmp_path)
+    warehouse.start_run("run-0", "0.1.0", {})
+    warehouse.start_run("run-1", "0.1.0", {})
+    warehouse.load_datapoints(store.write_datapoints(_datapoints(4)))
+    warehouse.load_revenue_buckets(store.write_revenue_buckets(_buckets(10.0)))
+
+    killed = warehouse.mark_unfinished_runs()
+
+    rows = dict(warehouse.connection.execute("select run_id, rows from runs").fetchall())
+    assert killed == ["run-0", "run-1"]
+    assert rows == {"run-0": 8, "run-1": 3}
+
+
 def test_warehouse_run_errors_name_run_id(warehouse: Warehouse):
     warehouse.start_run("run-1", "0.1.0", {})
 

@@ -507,11 +507,20 @@ class Warehouse:
         """Set ``status`` on runs still recorded as ``running`` and return their ids.
 
         Call this while holding the warehouse: no other process can be running then, so a
-        ``running`` row belongs to a process that was killed or lost power.
+        ``running`` row belongs to a process that was killed or lost power. Each such run
+        records the stored rows that carry its run id, those of the load batches it committed.
         """
         rows = self.connection.execute(
-            "update runs set status = ?, finished_at = ? where status = 'running' returning run_id",
-            [status, datetime.now(UTC)],
+            """
+            update runs set
+                status = $status,
+                finished_at = $now,
+                rows = (select count(*) from datapoints where datapoints.run_id = runs.run_id)
+                    + (select count(*) from revenue_buckets where revenue_buckets.run_id = runs.run_id)
+            where status = 'running'
+            returning run_id
+            """,
+            {"status": status, "now": datetime.now(UTC)},
         ).fetchall()
         return sorted(row[0] for row in rows)
 
