@@ -102,3 +102,13 @@ def test_fetch_batch_raises_bugs() -> None:
 
     with pytest.raises(KeyError):
         fetch_batch(fetch, [job], retries=2, retry_delay_seconds=0)
+
+
+def test_fetch_batch_stops_before_next_window() -> None:
+    jobs = [_job("va-a", day) for day in range(3)]
+    fetch = _ScriptedFetch({})
+
+    outcomes = fetch_batch(fetch, jobs, should_stop=lambda: len(fetch.calls) >= 1)
+
+    assert fetch.calls == jobs[:1]
+    assert [outcome.job for outcome in outcomes] == jobs[:1]

@@ -59,14 +59,22 @@ def fetch_batch(
     *,
     retries: int = WINDOW_RETRIES,
     retry_delay_seconds: float = WINDOW_RETRY_DELAY_SECONDS,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[WindowResult | FailedWindow]:
     """Fetch ``jobs`` one after another with ``fetch`` and return one outcome per job, in order.
 
     A transient API failure is retried up to ``retries`` times, ``retry_delay_seconds`` apart.
     Any other TerralayrError, or a transient one that outlasts the retries, becomes a
-    FailedWindow. Other exceptions are bugs and propagate.
+    FailedWindow. Other exceptions are bugs and propagate. Once ``should_stop`` returns True
+    (the run is ending), no further window starts, and the outcomes cover only the windows
+    fetched so far.
     """
-    return [_fetch_one(fetch, job, retries, retry_delay_seconds) for job in jobs]
+    outcomes: list[WindowResult | FailedWindow] = []
+    for job in jobs:
+        if should_stop is not None and should_stop():
+            break
+        outcomes.append(_fetch_one(fetch, job, retries, retry_delay_seconds))
+    return outcomes
 
 
 def _fetch_one(

@@ -16,7 +16,8 @@ import logging
 import signal
 import threading
 import uuid
-from dataclasses import asdict, dataclass
+from concurrent.futures import wait
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path
@@ -84,6 +85,12 @@ class _Runtime:
     store: ParquetStore
     quarantine: Quarantine
     refetch_attempts: int
+    stopping: threading.Event = field(default_factory=threading.Event)
+    """Set when the run is ending early: running fetch batches stop before their next window."""
+
+
+STOP_WAIT_SECONDS = 10.0
+"""How long an ending run waits for running fetch batches to finish their current window."""
 
 
 RUN_NOTE_PREFIX = "terralayr-etl run "
@@ -135,7 +142,7 @@ def fetch_windows_task(run_id: str, jobs: list[FetchJob]) -> list[WindowResult |
         quarantine=runtime.quarantine,
         refetch_attempts=runtime.refetch_attempts,
     )
-    return fetch_batch(fetch, jobs)
+    return fetch_batch(fetch, jobs, should_stop=runtime.stopping.is_set)
 
 
 @task(name="load", cache_policy=NO_CACHE, persist_result=False)
@@ -181,11 +188,15 @@ def _fetch_all(run_id: str, jobs: list[FetchJob], windows_per_task: int) -> tupl
         return _collect(futures, len(jobs), log)
     except BaseException:
         # Batches that have not started would otherwise run after the flow has ended (after
-        # Ctrl+C, for example), against a closed client.
+        # Ctrl+C, for example), against a closed client. Running batches stop after their
+        # current window, before the client closes, so that their requests do not fail.
+        _runtime(run_id).stopping.set()
+        running = []
         for future in futures:
             wrapped = getattr(future, "wrapped_future", None)
-            if wrapped is not None:
-                wrapped.cancel()
+            if wrapped is not None and not wrapped.cancel():
+                running.append(wrapped)
+        wait(running, timeout=STOP_WAIT_SECONDS)
         raise
 
 
