@@ -136,6 +136,13 @@ def _interrupt_during_fetch(data_dir: Path, log: Path, env: dict, *, sigterm: bo
     return process.returncode
 
 
+def _env_with_temporary_server(served: dict, tmp_path: Path) -> dict:
+    """Return ``served`` without PREFECT_API_URL, so that the run starts Prefect's temporary server."""
+    env = {name: value for name, value in served.items() if name != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return env
+
+
 def _query(data_dir: Path, sql: str) -> list[tuple]:
     # A read-write connection replays the write-ahead log the killed process left.
     connection = duckdb.connect(str(data_dir / "warehouse.duckdb"))
@@ -181,8 +188,7 @@ def test_ctrl_c_keeps_temporary_server_until_exit(served: dict, tmp_path) -> Non
     """Without PREFECT_API_URL, Prefect starts a temporary server in the run's process group.
     Ctrl+C must not stop it before the run has recorded its end: the run then waited about
     160 s on Prefect's retries. The run exits with 130, and the server is gone afterwards."""
-    env = {name: value for name, value in served.items() if name != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env = _env_with_temporary_server(served, tmp_path)
     data_dir = tmp_path / "data"
     log = tmp_path / "interrupted.stderr"
     returncode = _interrupt_during_fetch(data_dir, log, env)
@@ -200,9 +206,8 @@ def test_ctrl_c_keeps_temporary_server_until_exit(served: dict, tmp_path) -> Non
 def test_sigterm_run_exit_143_stops_server(served: dict, tmp_path) -> None:
     """SIGTERM during the fetch, without PREFECT_API_URL: the run records its end, exits with 143
     and one 'stopped' line that names the run, and Prefect's temporary server stops with it.
-    Before, the process ended at once, without a closing line, and the server kept running."""
-    env = {name: value for name, value in served.items() if name != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    SIGTERM's default action would skip the exit handlers that do the last two."""
+    env = _env_with_temporary_server(served, tmp_path)
     data_dir = tmp_path / "data"
     log = tmp_path / "terminated.stderr"
     returncode = _interrupt_during_fetch(data_dir, log, env, sigterm=True)

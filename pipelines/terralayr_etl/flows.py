@@ -284,8 +284,8 @@ def mark_logged_by_flow(exc: BaseException) -> None:
     try:
         setattr(exc, _LOGGED_BY_FLOW, True)
     except (AttributeError, TypeError):
-        # An exception whose __setattr__ rejects new attributes, such as a frozen dataclass:
-        # the CLI then prints its traceback, which may then appear twice.
+        # An exception whose __setattr__ rejects new attributes, such as a frozen dataclass.
+        # The CLI prints its traceback too, so it may appear twice.
         pass
 
 
