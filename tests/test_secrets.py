@@ -90,7 +90,7 @@ def _prefect_texts() -> list[str]:
 def test_run_writes_no_password_or_token(tmp_path_factory: pytest.TempPathFactory, prefect_harness, tmp_path, capfd) -> None:
     org = write_small_org(tmp_path_factory.mktemp("secrets-config"))
     data_dir = tmp_path / "data"
-    with serve_small_org(org, faults="expiry=0.3,truncate=0.2", latency_ms=30) as (server, _):
+    with serve_small_org(org, faults="expiry=0.6,truncate=0.2", latency_ms=30) as (server, _):
         monkeypatch = pytest.MonkeyPatch()
         try:
             apply_env(monkeypatch, pipeline_env(org, server.base_url))
