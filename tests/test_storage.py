@@ -134,6 +134,29 @@ def test_store_files_omit_partition_columns(tmp_path: Path):
     assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
 
 
+def test_store_leaves_single_label_columns_uncompressed(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    table = _datapoints(datetime(2025, 1, 1, tzinfo=UTC), 3, categories=("revenue_wholesale", "revenue_fcr"))
+
+    (path,) = store.write_datapoints(table.cast(ENCODED_LONG_SCHEMA))
+
+    row_group = pq.ParquetFile(path).metadata.row_group(0)
+    compression = {row_group.column(i).path_in_schema: row_group.column(i).compression for i in range(row_group.num_columns)}
+    assert compression == {
+        "entity_id": "UNCOMPRESSED",
+        "category": "ZSTD",
+        "period_start": "ZSTD",
+        "value": "ZSTD",
+        "unit": "UNCOMPRESSED",
+        "run_id": "UNCOMPRESSED",
+        "fetched_at": "ZSTD",
+        "endpoint": "UNCOMPRESSED",
+    }
+    assert pq.read_table(path).sort_by([("category", "ascending"), ("period_start", "ascending")]).to_pylist() == (
+        table.drop_columns(["entity_type", "resolution"]).sort_by([("category", "ascending"), ("period_start", "ascending")]).to_pylist()
+    )
+
+
 def test_store_casts_polars_frame_to_long_schema(tmp_path: Path):
     store = ParquetStore(tmp_path)
     frame = pl.from_arrow(_datapoints(datetime(2025, 1, 1, tzinfo=UTC), 2)).with_columns(
