@@ -18,7 +18,7 @@ import pytest
 from fakeapi import PASSWORD, USERNAME, FakeApi, ScriptedReply, make_credentials, make_settings, serve
 
 from terralayr_etl.timeutil import local_day_of
-from terralayr_etl.client import ApiClient, RawResponse
+from terralayr_etl.client import ApiClient, RawResponse, _next_cursor
 from terralayr_etl.config import Settings
 from terralayr_etl.errors import ApiError, AuthenticationError, InvalidEntityIdError, MalformedResponseError
 from terralayr_etl.retries import parse_retry_after
@@ -380,6 +380,35 @@ def test_client_follows_cursor_to_last_page(fake: FakeApi, client: ApiClient) ->
     assert [page.params.get("cursor") for page in pages[1:]] == [str(100 * index) for index in range(1, len(pages))]
     assert all((page.window_start, page.window_end) == window for page in pages)
     assert all(page.endpoint == VA_PATH for page in pages)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"data":{},"nextCursor":null}',
+        '{"data": {},\n  "nextCursor" : null\n}\n',
+        '{"nextCursor":null}',
+        '{"data":{},"nextCursor":"200"}',
+        '{"data":{},"nextCursor":7}',
+        '{"data":{"nextCursor":null},"nextCursor":"300"}',
+        '{"nextCursor":"400","data":{"a":{"nextCursor":null}}}',
+        '{"nextCursor":"500","x\\"nextCursor":null}',
+        '{"nextCursor":"600","nextCursor":null}',
+        '{"data":{},"metaData":[]}',
+    ],
+)
+def test_next_cursor_agrees_with_a_full_parse(body: str) -> None:
+    expected = json.loads(body).get("nextCursor")
+
+    cursor = _next_cursor(VA_PATH, {}, body.encode())
+
+    assert cursor == (None if expected is None else str(expected))
+
+
+@pytest.mark.parametrize("body", ['{"data":{},"nextCursor":"2', "<html>busy</html>", '["nextCursor", null]'])
+def test_next_cursor_rejects_a_body_without_an_object(body: str) -> None:
+    with pytest.raises(MalformedResponseError, match="nextCursor a string or null"):
+        _next_cursor(VA_PATH, {}, body.encode())
 
 
 def test_client_sends_categories_and_resolution(fake: FakeApi, client: ApiClient) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -292,7 +293,18 @@ def _fix_for_status(status_code: int) -> str:
     return "the API is unavailable; retry later, or raise retry.attempts or retry.total_timeout_seconds"
 
 
+# A body whose last member is "nextCursor": null has no next page. In valid JSON those bytes
+# at the end can only be the last member of the top-level object: the quote before the key
+# follows "{" or ",", so it opens a string, and the quote after it closes one. Matching them
+# spares a second parse of the whole body (0.4 CPU seconds for W1's 746 MB). Any other body
+# is decoded in full. Either way the normaliser decodes and checks the whole body later.
+_NULL_CURSOR_AT_END = re.compile(rb'[{,][ \t\r\n]*"nextCursor"[ \t\r\n]*:[ \t\r\n]*null[ \t\r\n]*}[ \t\r\n]*\Z')
+_CURSOR_TAIL_BYTES = 64
+
+
 def _next_cursor(path: str, params: dict[str, str], body: bytes) -> str | None:
+    if _NULL_CURSOR_AT_END.search(body, max(0, len(body) - _CURSOR_TAIL_BYTES)):
+        return None
     try:
         page = msgspec.json.decode(body, type=_PageInfo)
     except msgspec.DecodeError as exc:
