@@ -111,6 +111,7 @@ def run(
 
     data_path = _data_dir(data_dir)
     _preflight(start, end, resolution, data_path)
+    _freeze_imported_objects()
     try:
         summary = run_nightly(
             start=parse_day(start, option="--start") if start else None,
@@ -168,6 +169,20 @@ def serve(
 
     limit_child_arenas()
     nightly.serve(name="nightly", schedules=[Cron(cron, timezone="Europe/Berlin")])
+
+
+def _freeze_imported_objects() -> None:
+    """Keep the garbage collector from walking the objects of the imports again.
+
+    The imports (Prefect and pydantic above all) leave about 150,000 objects that live as
+    long as the process. Each full collection walked all of them: four took 0.22 s in W1's
+    backfill, with every thread stopped. Frozen, they are never collected, which a process
+    that runs one flow and exits can afford.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _preflight(start: str | None, end: str | None, resolutions: list[str] | None, data_dir: Path) -> None:
