@@ -28,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from terralayr_etl import __version__
 from terralayr_etl.boundaries import BoundaryReport, resolve_outside_rows
@@ -183,7 +184,9 @@ def _fetch_all(run_id: str, jobs: list[FetchJob], windows_per_task: int) -> tupl
     """
     log = get_run_logger()
     batches = plan_batches(jobs, windows_per_task)
-    futures = list(fetch_windows_task.map(run_id, batches))
+    # quote: Prefect would walk every job of every batch, twice per task run, looking for
+    # futures to wait for. They hold none.
+    futures = list(fetch_windows_task.map(run_id, [quote(batch) for batch in batches]))
     try:
         return _collect(futures, len(jobs), log)
     except BaseException:
@@ -246,7 +249,7 @@ def _check_markdown(summary: dict, failures: list[FailedWindow], quarantine_dir:
 
 
 def _plan(run_id: str, settings: Settings, warehouse: Warehouse, span: RunSpan, resolutions: list[str]) -> tuple[Discovery, list[FetchJob]]:
-    discovery = discover_task(run_id, settings, span.first_day, span.end_day)
+    discovery = discover_task(run_id, quote(settings), span.first_day, span.end_day)
     starts = None
     if span.incremental:
         starts = plan_starts(discovery, resolutions, warehouse.watermarks(resolutions), settings)
@@ -342,7 +345,8 @@ def _nightly(
             results, failures = _fetch_all(run_id, jobs, settings.pipeline.windows_per_task)
             boundary = resolve_outside_rows(results, store)
             store.sync_folders()
-            rows = load_task(warehouse, discovery, results, boundary.files)
+            # quote, as for the fetch: the results and the entities hold no futures.
+            rows = load_task(warehouse, quote(discovery), quote(results), quote(boundary.files))
             failed_series = sorted({failure.job.series_key() for failure in failures})
             warehouse.update_watermarks(resolutions, exclude=failed_series)
             checks = model_and_check_task(
