@@ -13,12 +13,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import polars as pl
+from typing import TYPE_CHECKING
 
 from terralayr_etl.normalise import LONG_SCHEMA
 from terralayr_etl.pipeline import WindowResult
 from terralayr_etl.storage import ParquetStore
+
+if TYPE_CHECKING:
+    # Imported where used: a run whose windows send no rows outside themselves never needs
+    # polars, which maps about 30 MB of library code.
+    import polars as pl
 
 logger = logging.getLogger("terralayr_etl.boundaries")
 
@@ -51,6 +55,7 @@ def resolve_outside_rows(results: Sequence[WindowResult], store: ParquetStore) -
     outside = [result for result in results if result.outside_rows is not None and result.outside_rows.num_rows]
     if not outside:
         return report
+    import polars as pl
 
     candidates = pl.concat(
         [_with_source(pl.from_arrow(result.outside_rows), result) for result in outside], how="vertical"
@@ -81,11 +86,15 @@ def resolve_outside_rows(results: Sequence[WindowResult], store: ParquetStore) -
 
 
 def _with_source(frame: pl.DataFrame, result: WindowResult) -> pl.DataFrame:
+    import polars as pl
+
     return frame.with_columns(pl.lit(result.job.window_start).cast(pl.Datetime("us", "UTC")).alias("source_start"))
 
 
 def _attach_owner(candidates: pl.DataFrame, datapoint_results: Sequence[WindowResult]) -> pl.DataFrame:
     """Keep the candidates inside some window of the run, with that window's start as ``owner_start``."""
+    import polars as pl
+
     windows = pl.DataFrame(
         {
             "entity_type": [result.job.entity_type for result in datapoint_results],
@@ -113,6 +122,8 @@ def _attach_owner(candidates: pl.DataFrame, datapoint_results: Sequence[WindowRe
 
 def _stored_rows_of_owners(owned: pl.DataFrame, results: Sequence[WindowResult]) -> pl.DataFrame:
     """Read the rows the owning windows wrote for the contested keys, tagged with their start."""
+    import polars as pl
+
     owners = owned.select(*_SERIES, "owner_start").unique()
     files_by_owner = {
         (result.job.entity_type, result.job.entity_id, result.job.resolution, result.job.window_start): result.files
@@ -139,6 +150,8 @@ def _stored_rows_of_owners(owned: pl.DataFrame, results: Sequence[WindowResult])
 
 def _log_conflicts(every: pl.DataFrame) -> int:
     """Log keys whose candidates carry different values; return how many there are."""
+    import polars as pl
+
     # A null and a number differ, and two nulls agree, so nulls are compared as text.
     as_text = pl.col("value").cast(pl.String).fill_null("null")
     conflicting = every.filter(as_text.n_unique().over(_KEY) > 1).sort([*_KEY, "source_start"])

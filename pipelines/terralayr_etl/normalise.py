@@ -21,7 +21,6 @@ from datetime import datetime
 
 import msgspec
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -464,6 +463,8 @@ def _drop_earlier_duplicates(
     """Keep the last row of each key in list order, log the dropped ones and count them."""
     if strictly_increasing_per_series(table, key, instant_column):
         return table, 0
+    # Imported here: a body without duplicate points, the usual case, never needs polars.
+    import polars as pl
 
     frame = pl.from_arrow(table)
     if frame.select(pl.struct(key).is_unique().all()).item():

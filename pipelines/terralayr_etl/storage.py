@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -56,6 +56,11 @@ from terralayr_etl.timeutil import (
     local_day_of,
     local_midnight,
 )
+
+if TYPE_CHECKING:
+    # Imported where used: polars maps about 30 MB of library code, and a backfill that
+    # writes only new files of one entity each never needs it.
+    import polars as pl
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +213,8 @@ class ParquetStore:
                 written.append(path)
             return written
 
+        import polars as pl
+
         frame = pl.from_arrow(decode_labels(arrow))
         frame = frame.join(_blocks_of(dataset, frame), on=_block_inputs(dataset), how="left", maintain_order="left")
 
@@ -247,6 +254,9 @@ class ParquetStore:
                 self._renamed_in(path.parent)
                 logger.debug("Wrote %d rows to %s (new file)", new_rows.num_rows, path)
                 return
+        import polars as pl
+
+        if isinstance(new_rows, pa.Table):
             new_rows = pl.from_arrow(decode_labels(new_rows))
         key = list(dataset.key)
         new_rows = _sorted_last_per_key(new_rows, list(dataset.sort_key))
@@ -368,6 +378,8 @@ def _blocks_of(dataset: _Dataset, frame: pl.DataFrame) -> pl.DataFrame:
     The time zone conversion runs once per distinct instant, not once per row: a page repeats
     each instant once per category.
     """
+    import polars as pl
+
     inputs = frame.select(_block_inputs(dataset)).unique()
     local_day = pl.col(dataset.instant_column).dt.convert_time_zone(LOCAL_TZ.key).dt.date()
     return inputs.with_columns(_block_start(dataset, local_day).alias(_BLOCK))
@@ -375,6 +387,8 @@ def _blocks_of(dataset: _Dataset, frame: pl.DataFrame) -> pl.DataFrame:
 
 def _block_start(dataset: _Dataset, local_day: pl.Expr) -> pl.Expr:
     """Polars form of ``timeutil.file_block_start``."""
+    import polars as pl
+
     month_start = local_day.dt.month_start()
     week_start = pl.max_horizontal(local_day.dt.truncate("1w"), month_start)
     if dataset.fixed_resolution is not None:
@@ -389,6 +403,8 @@ def _sorted_last_per_key(rows: pl.DataFrame, sort_key: list[str]) -> pl.DataFram
     rows with the same key stay in input order next to each other, and a row is kept when the
     next row has another key. Comparing neighbours costs less than hashing every key.
     """
+    import polars as pl
+
     ordered = rows.sort(sort_key, maintain_order=True)
     if ordered.height < 2:
         return ordered
@@ -404,7 +420,8 @@ def _conform(table: pa.Table | pl.DataFrame, schema: pa.Schema) -> pa.Table:
     A dictionary-encoded string column stays encoded, so that the Parquet writer can use its
     indices. The file contains plain strings either way.
     """
-    arrow = table.to_arrow() if isinstance(table, pl.DataFrame) else table
+    # Anything but an Arrow table is a polars DataFrame, which loads polars only when used.
+    arrow = table if isinstance(table, pa.Table) else table.to_arrow()
     present = set(arrow.column_names)
     missing = [name for name in schema.names if name not in present]
     if missing:
