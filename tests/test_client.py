@@ -405,6 +405,17 @@ def test_next_cursor_agrees_with_a_full_parse(body: str) -> None:
     assert cursor == (None if expected is None else str(expected))
 
 
+def test_next_cursor_null_ending_skips_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the body was parsed")
+
+    monkeypatch.setattr("terralayr_etl.client.msgspec.json.decode", no_parse)
+
+    assert _next_cursor(VA_PATH, {}, b'{"data":{"revenue_fcr":[]},"metaData":[],"nextCursor":null}') is None
+    with pytest.raises(AssertionError, match="parsed"):
+        _next_cursor(VA_PATH, {}, b'{"data":{},"nextCursor":"200"}')
+
+
 @pytest.mark.parametrize("body", ['{"data":{},"nextCursor":"2', "<html>busy</html>", '["nextCursor", null]'])
 def test_next_cursor_rejects_a_body_without_an_object(body: str) -> None:
     with pytest.raises(MalformedResponseError, match="nextCursor a string or null"):

@@ -201,6 +201,28 @@ def test_flow_malformed_window_quarantined_and_left_out(org: SmallOrg, prefect_h
     assert f"{VA_LARGE}/hourly" in watermarks
 
 
+def test_flow_refetches_malformed_body_with_valid_ending(org: SmallOrg, prefect_harness, tmp_path) -> None:
+    """A body with a broken start and a valid null cursor at its end passes the client's look
+    at its end. The normaliser rejects it, and the window is fetched again."""
+    data_dir = tmp_path / "data"
+
+    def break_start(body: bytes) -> bytes:
+        return b"[" + body[1:]
+
+    with serve_small_org(org, scripted=True) as (server, scripted):
+        scripted.script(VA_SMALL_PATH, Reply(rewrite=break_start), query_contains="resolution=hourly")
+        summary = _run(org, server, data_dir, start=START, end=END)
+        served = [item for item in scripted.served_to(VA_SMALL_PATH) if "resolution=hourly" in item.query]
+
+    assert summary["status"] == "success"
+    assert len(served) == 2
+    assert _count(data_dir, "entity_id = ? and resolution = 'hourly'", [VA_SMALL]) > 0
+    (payload,) = (data_dir / "quarantine" / summary["run_id"]).glob("*-hourly-*Z.json")
+    record = json.loads(payload.read_text())
+    assert record["error_type"] == "MalformedResponseError"
+    assert (payload.parent / record["body_file"]).read_bytes()[:1] == b"["
+
+
 def test_window_retry_refetches_and_errors_fail_window(org: SmallOrg, prefect_harness, tmp_path) -> None:
     """The client makes 2 attempts per request. VA-S's daily window gets two 500s, so its first
     fetch fails and the window retry fetches it. VA-L's daily window gets 500 on every attempt

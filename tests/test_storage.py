@@ -131,30 +131,61 @@ def test_store_files_omit_partition_columns(tmp_path: Path):
     assert "month" not in schema.names
     assert schema.field("period_start").type == pa.timestamp("us", tz="UTC")
     assert schema.field("value").type == pa.float64()
-    assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
 
 
-def test_store_leaves_single_label_columns_uncompressed(tmp_path: Path):
-    store = ParquetStore(tmp_path)
-    table = _datapoints(datetime(2025, 1, 1, tzinfo=UTC), 3, categories=("revenue_wholesale", "revenue_fcr"))
+def _two_categories(form: str) -> pa.Table:
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    if form == "one chunk per category":
+        # Two chunks whose category dictionaries have one label each, two labels in all.
+        return pa.concat_tables(
+            [_datapoints(start, 3, categories=(category,)).cast(ENCODED_LONG_SCHEMA) for category in ("revenue_wholesale", "revenue_fcr")]
+        )
+    table = _datapoints(start, 3, categories=("revenue_wholesale", "revenue_fcr"))
+    return table.cast(ENCODED_LONG_SCHEMA) if form == "dictionaries" else table
 
-    (path,) = store.write_datapoints(table.cast(ENCODED_LONG_SCHEMA))
 
+def _compression_by_column(path: Path) -> dict[str, str]:
     row_group = pq.ParquetFile(path).metadata.row_group(0)
-    compression = {row_group.column(i).path_in_schema: row_group.column(i).compression for i in range(row_group.num_columns)}
-    assert compression == {
-        "entity_id": "UNCOMPRESSED",
-        "category": "ZSTD",
-        "period_start": "ZSTD",
-        "value": "ZSTD",
-        "unit": "UNCOMPRESSED",
-        "run_id": "UNCOMPRESSED",
-        "fetched_at": "ZSTD",
-        "endpoint": "UNCOMPRESSED",
-    }
-    assert pq.read_table(path).sort_by([("category", "ascending"), ("period_start", "ascending")]).to_pylist() == (
-        table.drop_columns(["entity_type", "resolution"]).sort_by([("category", "ascending"), ("period_start", "ascending")]).to_pylist()
-    )
+    return {row_group.column(i).path_in_schema: row_group.column(i).compression for i in range(row_group.num_columns)}
+
+
+def _rows_by_key(table: pa.Table) -> list[dict]:
+    return table.sort_by([("category", "ascending"), ("period_start", "ascending")]).to_pylist()
+
+
+SINGLE_LABELS_UNCOMPRESSED = {
+    "entity_id": "UNCOMPRESSED",
+    "category": "ZSTD",
+    "period_start": "ZSTD",
+    "value": "ZSTD",
+    "unit": "UNCOMPRESSED",
+    "run_id": "UNCOMPRESSED",
+    "fetched_at": "ZSTD",
+    "endpoint": "UNCOMPRESSED",
+}
+
+
+@pytest.mark.parametrize("form", ["dictionaries", "plain strings", "one chunk per category"])
+def test_store_leaves_single_label_columns_uncompressed(tmp_path: Path, form: str):
+    store = ParquetStore(tmp_path)
+    table = _two_categories(form)
+
+    (path,) = store.write_datapoints(table)
+
+    assert _compression_by_column(path) == SINGLE_LABELS_UNCOMPRESSED
+    assert _rows_by_key(pq.read_table(path)) == _rows_by_key(table.drop_columns(["entity_type", "resolution"]).cast(
+        pa.schema([field for field in LONG_SCHEMA if field.name not in ("entity_type", "resolution")])
+    ))
+
+
+def test_store_merge_keeps_single_label_columns_uncompressed(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    store.write_datapoints(_two_categories("dictionaries"))
+
+    (path,) = store.write_datapoints(_datapoints(datetime(2025, 1, 1, 0, 30, tzinfo=UTC), 3, value_offset=10.0))
+
+    assert _compression_by_column(path) == SINGLE_LABELS_UNCOMPRESSED
+    assert pq.read_metadata(path).num_rows == 6 + 2
 
 
 def test_store_casts_polars_frame_to_long_schema(tmp_path: Path):

@@ -185,7 +185,8 @@ def _fetch_all(run_id: str, jobs: list[FetchJob], windows_per_task: int) -> tupl
     log = get_run_logger()
     batches = plan_batches(jobs, windows_per_task)
     # quote: Prefect would walk every job of every batch, twice per task run, looking for
-    # futures to wait for. They hold none.
+    # futures to wait for and upstream task runs to link. The jobs are new objects, so the
+    # walk finds neither.
     futures = list(fetch_windows_task.map(run_id, [quote(batch) for batch in batches]))
     try:
         return _collect(futures, len(jobs), log)
@@ -345,8 +346,9 @@ def _nightly(
             results, failures = _fetch_all(run_id, jobs, settings.pipeline.windows_per_task)
             boundary = resolve_outside_rows(results, store)
             store.sync_folders()
-            # quote, as for the fetch: the results and the entities hold no futures.
-            rows = load_task(warehouse, quote(discovery), quote(results), quote(boundary.files))
+            # Not quoted: Prefect finds the discover and fetch task runs the load depends on
+            # by walking these, and its UI shows that lineage.
+            rows = load_task(warehouse, discovery, results, boundary.files)
             failed_series = sorted({failure.job.series_key() for failure in failures})
             warehouse.update_watermarks(resolutions, exclude=failed_series)
             checks = model_and_check_task(

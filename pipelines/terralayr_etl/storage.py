@@ -512,8 +512,9 @@ def _encodings(table: pa.Table, key: Sequence[str]) -> dict[str, object]:
 
 
 def _single_label(column: pa.ChunkedArray) -> bool:
-    """Tell whether ``column`` is dictionary-encoded with at most one label in each chunk."""
-    return pa.types.is_dictionary(column.type) and all(len(chunk.dictionary) <= 1 for chunk in column.chunks)
+    """Tell whether ``column`` is a string column whose rows all hold one label."""
+    is_label = pa.types.is_string(column.type) or pa.types.is_dictionary(column.type)
+    return is_label and _only_value(column) is not None
 
 
 def _fsync_directory(folder: Path) -> None:
