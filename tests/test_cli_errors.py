@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
+import threading
 
 import duckdb
 import pytest
 
-from terralayr_etl import cli
+from terralayr_etl import cli, flows
 from terralayr_etl.cli import CRASH_EXIT_STATUS, crash_line
 
 RUN_NOTE = "Run 0f0e-test is marked failed in the runs table of /data/warehouse.duckdb."
@@ -104,3 +107,35 @@ def test_sigterm_line_and_exit_143(monkeypatch: pytest.MonkeyPatch):
 
     assert status == 143
     assert cli._CLOSING_LINES[-1].startswith("stopped: the run received SIGTERM.")
+
+
+def _interrupted_query() -> BaseException:
+    """Run a long DuckDB query, send this process SIGINT as Ctrl+C does, and return the error."""
+    connection = duckdb.connect()
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        connection.execute("select count(*) from range(100000000000) t(x) where x % 7 = 3").fetchall()
+    except BaseException as exc:  # DuckDB raises its own error, not KeyboardInterrupt
+        return exc
+    finally:
+        connection.close()
+    raise AssertionError("the query ended before the signal")
+
+
+def test_ctrl_c_during_query_is_interrupt_exit_130(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(cli, "_CLOSING_LINES", [])
+    monkeypatch.setattr(cli, "_SIGNALS_RECEIVED", [])
+    previous = signal.signal(signal.SIGINT, cli._raise_interrupted)
+    try:
+        error = _interrupted_query()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    error.add_note(f"{flows.RUN_NOTE_PREFIX}1234 is marked failed in the runs table of w.duckdb")
+
+    status = cli._report_crash(error)
+
+    assert isinstance(error, RuntimeError), repr(error)
+    assert cli._SIGNALS_RECEIVED == [signal.SIGINT]
+    assert status == 130
+    assert cli._CLOSING_LINES[-1].startswith("aborted: the run stopped on Ctrl+C. Run 1234 is marked failed")
+

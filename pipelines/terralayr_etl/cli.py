@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -275,12 +276,12 @@ def _print_closing_lines() -> None:
 def main() -> None:
     """Entry point: run the CLI, turning project errors into one line and exit status 2."""
     import atexit
-    import signal
 
     atexit.register(_print_closing_lines)
     # SIGTERM's default action (systemctl stop, docker stop) skips the exit handlers, which
     # print the closing line and stop Prefect's temporary server.
     signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGINT, _raise_interrupted)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per HTTP request drowns the progress lines; retries and errors are logged by the client.
     for noisy in ("httpx", "httpcore"):
@@ -323,7 +324,30 @@ class Terminated(KeyboardInterrupt):
 def _raise_terminated(signum: int, frame: object) -> None:
     # During a flow run Prefect's own handler turns SIGTERM into its TerminationSignal, lets
     # the flow record its end, then sends SIGTERM again, which reaches this handler.
+    _SIGNALS_RECEIVED.append(signum)
     raise Terminated()
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    _SIGNALS_RECEIVED.append(signum)
+    signal.default_int_handler(signum, frame)
+
+
+_SIGNALS_RECEIVED: list[int] = []
+"""SIGINT and SIGTERM as they arrive. DuckDB turns the KeyboardInterrupt that Ctrl+C raises
+during a query into its own RuntimeError('Query interrupted'), and the statements after it into
+TransactionException, so the error that reaches ``main`` may not show the signal."""
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """Return the interrupt that ``exc`` came from, or one for a signal that arrived meanwhile."""
+    interrupt = _cause_of_type(exc, KeyboardInterrupt)
+    if interrupt is not None or not _SIGNALS_RECEIVED:
+        return interrupt
+    interrupt = Terminated() if _SIGNALS_RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt()
+    # The run's notes are on ``exc``, where _run_notes finds them through the context.
+    interrupt.__context__ = exc
+    return interrupt
 
 
 def _interrupted_status(interrupt: BaseException) -> int:
@@ -364,11 +388,12 @@ def _report_crash(exc: Exception) -> int:
 
     A full disk is no bug, so it gets one line without a traceback and exit status 2. An error
     that came from Ctrl+C (Prefect's temporary server stops on it too, so Prefect's calls then
-    fail) gets the line of an interrupted run and exit status 130.
+    fail) or arrived after it (DuckDB's interrupted query) gets the line of an interrupted run
+    and exit status 130, or 143 after SIGTERM.
     """
     import traceback
 
-    interrupt = _cause_of_type(exc, KeyboardInterrupt)
+    interrupt = _interrupt_behind(exc)
     if interrupt is not None:
         print_at_exit(_aborted_line(interrupt))
         return _interrupted_status(interrupt)
