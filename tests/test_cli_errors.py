@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import errno
-import os
 import signal
-import threading
 
 import duckdb
 import pytest
@@ -109,33 +107,36 @@ def test_sigterm_line_and_exit_143(monkeypatch: pytest.MonkeyPatch):
     assert cli._CLOSING_LINES[-1].startswith("stopped: the run received SIGTERM.")
 
 
-def _interrupted_query() -> BaseException:
-    """Run a long DuckDB query, send this process SIGINT as Ctrl+C does, and return the error."""
-    connection = duckdb.connect()
-    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
-    try:
-        connection.execute("select count(*) from range(100000000000) t(x) where x % 7 = 3").fetchall()
-    except BaseException as exc:  # DuckDB raises its own error, not KeyboardInterrupt
-        return exc
-    finally:
-        connection.close()
-    raise AssertionError("the query ended before the signal")
-
-
-def test_ctrl_c_during_query_is_interrupt_exit_130(monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize(
+    ("handler", "signum", "status", "head"),
+    [
+        ("_raise_interrupted", signal.SIGINT, 130, "aborted: the run stopped on Ctrl+C."),
+        ("_raise_terminated", signal.SIGTERM, 143, "stopped: the run received SIGTERM."),
+    ],
+)
+def test_error_after_signal_is_interrupt(monkeypatch: pytest.MonkeyPatch, handler: str, signum: int, status: int, head: str):
+    # DuckDB turns the KeyboardInterrupt raised during a query into RuntimeError('Query
+    # interrupted'), which keeps no link to the interrupt.
     monkeypatch.setattr(cli, "_CLOSING_LINES", [])
     monkeypatch.setattr(cli, "_SIGNALS_RECEIVED", [])
-    previous = signal.signal(signal.SIGINT, cli._raise_interrupted)
-    try:
-        error = _interrupted_query()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(cli, handler)(signum, None)
+    error = RuntimeError("Query interrupted")
     error.add_note(f"{flows.RUN_NOTE_PREFIX}1234 is marked failed in the runs table of w.duckdb")
 
-    status = cli._report_crash(error)
+    returned = cli._report_crash(error)
 
-    assert isinstance(error, RuntimeError), repr(error)
-    assert cli._SIGNALS_RECEIVED == [signal.SIGINT]
-    assert status == 130
-    assert cli._CLOSING_LINES[-1].startswith("aborted: the run stopped on Ctrl+C. Run 1234 is marked failed")
+    assert returned == status
+    assert cli._CLOSING_LINES[-1].startswith(f"{head} Run 1234 is marked failed")
 
+
+def test_error_without_signal_is_crash(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setattr(cli, "_CLOSING_LINES", [])
+    monkeypatch.setattr(cli, "_SIGNALS_RECEIVED", [])
+    try:
+        raise RuntimeError("Query interrupted")
+    except RuntimeError as exc:
+        returned = cli._report_crash(exc)
+
+    assert returned == CRASH_EXIT_STATUS
+    assert cli._CLOSING_LINES[-1].startswith("error: terralayr-etl stopped on an unexpected RuntimeError")
