@@ -8,7 +8,7 @@ import signal
 import duckdb
 import pytest
 
-from terralayr_etl import cli, flows
+from terralayr_etl import cli, flows, interrupts
 from terralayr_etl.cli import CRASH_EXIT_STATUS, crash_line
 
 RUN_NOTE = "Run 0f0e-test is marked failed in the runs table of /data/warehouse.duckdb."
@@ -118,7 +118,7 @@ def test_error_after_signal_is_interrupt(monkeypatch: pytest.MonkeyPatch, handle
     # DuckDB turns the KeyboardInterrupt raised during a query into RuntimeError('Query
     # interrupted'), which keeps no link to the interrupt.
     monkeypatch.setattr(cli, "_CLOSING_LINES", [])
-    monkeypatch.setattr(cli, "_SIGNALS_RECEIVED", [])
+    monkeypatch.setattr(interrupts, "RECEIVED", [])
     with pytest.raises(KeyboardInterrupt):
         getattr(cli, handler)(signum, None)
     error = RuntimeError("Query interrupted")
@@ -132,7 +132,7 @@ def test_error_after_signal_is_interrupt(monkeypatch: pytest.MonkeyPatch, handle
 
 def test_error_without_signal_is_crash(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     monkeypatch.setattr(cli, "_CLOSING_LINES", [])
-    monkeypatch.setattr(cli, "_SIGNALS_RECEIVED", [])
+    monkeypatch.setattr(interrupts, "RECEIVED", [])
     try:
         raise RuntimeError("Query interrupted")
     except RuntimeError as exc:

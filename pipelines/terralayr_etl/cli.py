@@ -32,6 +32,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import typer  # noqa: E402
 
+from terralayr_etl import interrupts  # noqa: E402
 from terralayr_etl.errors import TerralayrError, one_line  # noqa: E402
 
 app = typer.Typer(
@@ -324,31 +325,26 @@ class Terminated(KeyboardInterrupt):
 def _raise_terminated(signum: int, frame: object) -> None:
     # During a flow run Prefect's own handler turns SIGTERM into its TerminationSignal, lets
     # the flow record its end, then sends SIGTERM again, which reaches this handler.
-    _SIGNALS_RECEIVED.append(signum)
+    interrupts.record(signum)
     raise Terminated()
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
-    _SIGNALS_RECEIVED.append(signum)
+    interrupts.record(signum)
     signal.default_int_handler(signum, frame)
 
 
-_SIGNALS_RECEIVED: list[int] = []
-"""SIGINT and SIGTERM as they arrive. DuckDB turns the KeyboardInterrupt that Ctrl+C raises
-during a query into its own RuntimeError('Query interrupted'), and the statements after it into
-TransactionException, so the error that reaches ``main`` may not show the signal.
-
-NOTE: during a flow run SIGTERM goes to Prefect's handler, not to ``_raise_terminated``. When
-DuckDB swallows the TerminationSignal it raises, nothing is recorded here, and the run ends as
-a crash (exit 5) instead of 143: once in three SIGTERMs sent during the SQL models."""
-
-
 def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
-    """Return the interrupt that ``exc`` came from, or one for a signal that arrived meanwhile."""
+    """Return the interrupt that ``exc`` came from, or one for a signal that arrived meanwhile.
+
+    DuckDB turns an interrupt during a query into its own error (see ``interrupts``), so the
+    signal may show only in the record.
+    """
     interrupt = _cause_of_type(exc, KeyboardInterrupt)
-    if interrupt is not None or not _SIGNALS_RECEIVED:
+    last = interrupts.last()
+    if interrupt is not None or last is None:
         return interrupt
-    interrupt = Terminated() if _SIGNALS_RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt()
+    interrupt = Terminated() if last == signal.SIGTERM else KeyboardInterrupt()
     # The run's notes are on ``exc``, where _run_notes finds them through the context.
     interrupt.__context__ = exc
     return interrupt

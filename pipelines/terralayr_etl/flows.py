@@ -37,6 +37,7 @@ from terralayr_etl.config import ENTITY_TYPES, Settings, load_credentials, load_
 from terralayr_etl.batches import fetch_batch, is_transient, plan_batches
 from terralayr_etl.errors import TerralayrError, one_line
 from terralayr_etl.fetching import fetch_window
+from terralayr_etl.interrupts import noting_sigterm
 from terralayr_etl.models import CHECK_CHUNK_ROWS, run_checks, run_models
 from terralayr_etl.pipeline import (
     Discovery,
@@ -276,7 +277,9 @@ def nightly(
     run and are never flow parameters.
     """
     try:
-        return _nightly(start, end, resolutions, data_dir, skip_checks)
+        # Prefect's SIGTERM handler is in place now; DuckDB can swallow what it raises.
+        with noting_sigterm():
+            return _nightly(start, end, resolutions, data_dir, skip_checks)
     except BaseException as exc:
         # Prefect (3.9) logs the traceback of an error that leaves the flow function.
         mark_logged_by_flow(exc)
