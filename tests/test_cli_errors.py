@@ -140,3 +140,4 @@ def test_error_without_signal_is_crash(monkeypatch: pytest.MonkeyPatch, capsys: 
 
     assert returned == CRASH_EXIT_STATUS
     assert cli._CLOSING_LINES[-1].startswith("error: terralayr-etl stopped on an unexpected RuntimeError")
+    assert "Traceback" in capsys.readouterr().err

@@ -277,7 +277,7 @@ def nightly(
     run and are never flow parameters.
     """
     try:
-        # Prefect's SIGTERM handler is in place now; DuckDB can swallow what it raises.
+        # Prefect's SIGTERM handler is in place now, and DuckDB can swallow what it raises.
         with noting_sigterm():
             return _nightly(start, end, resolutions, data_dir, skip_checks)
     except BaseException as exc:

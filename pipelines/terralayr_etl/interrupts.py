@@ -31,8 +31,8 @@ def last() -> int | None:
 def noting_sigterm() -> Iterator[None]:
     """Record SIGTERM before the handler installed now runs (Prefect's, inside a flow run).
 
-    Signal handlers can change only in the main thread; elsewhere, or when no Python handler
-    is installed, this does nothing.
+    Signal handlers can change only in the main thread. In another thread, or when no Python
+    handler is installed, this does nothing.
     """
     installed = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or not callable(installed):
