@@ -170,7 +170,7 @@ def replay(folder: Path, data_dir: Path, *, workers: int | None = None) -> dict[
     workers = workers or os.cpu_count() or 1
 
     started, started_cpu = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(workers) as pool:
+    with store.background_commits(), ThreadPoolExecutor(workers) as pool:
         results: list[WindowResult] = list(pool.map(lambda job: fetch_window(client, store, job, RUN_ID), [job for job, _ in recorded]))
     store.sync_folders()
     written, written_cpu = time.perf_counter(), time.process_time()

@@ -7,11 +7,15 @@ Every run goes against the sandbox's small organisation on 127.0.0.1, behind
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
+import stat
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -39,11 +43,11 @@ from robust_support import (
     write_small_org,
 )
 
-from terralayr_etl import batches, flows, models
+from terralayr_etl import batches, flows, models, storage
 from terralayr_etl.client import ApiClient
 from terralayr_etl.categories import CATEGORY_NAMES
 from terralayr_etl.config import Credentials, load_settings
-from terralayr_etl.errors import ApiError, MalformedResponseError
+from terralayr_etl.errors import ApiError, MalformedResponseError, TerralayrError
 from terralayr_etl.models import ModelError
 from terralayr_etl.flows import run_nightly
 from terralayr_etl.pipeline import Discovery, Entity, FetchJob, plan_jobs, plan_starts
@@ -149,6 +153,50 @@ def test_flow_syncs_folders_before_load(org: SmallOrg, prefect_harness, tmp_path
     assert events[-1] == "load"
     assert events[-2].startswith("synced ")
     assert int(events[-2].removeprefix("synced ")) > 0
+
+
+def test_flow_full_disk_at_fsync_fails_before_load(
+    org: SmallOrg, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fetch's files are fsynced and renamed on a background thread. A full disk there
+    fails the run before its load, leaves no temp file, and a re-run loads every row once."""
+    real_fsync = storage.os.fsync
+    fsync_threads: set[str] = set()
+
+    def full_disk(descriptor: int) -> None:
+        if stat.S_ISREG(os.fstat(descriptor).st_mode):
+            fsync_threads.add(threading.current_thread().name)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(descriptor)
+
+    data_dir = tmp_path / "data"
+    with serve_small_org(org) as (server, _):
+        monkeypatch.setattr(storage.os, "fsync", full_disk)
+        with pytest.raises(TerralayrError, match="no space left on the device while writing .*free disk space"):
+            _run(org, server, data_dir, start=START, end=END)
+        monkeypatch.setattr(storage.os, "fsync", real_fsync)
+        assert fsync_threads == {"parquet-commit_0"}
+        assert not [path for path in (data_dir / "parquet").rglob("*") if path.is_file()]
+        connection = _connect(data_dir)
+        try:
+            assert connection.execute("select status, rows from runs").fetchall() == [("failed", 0)]
+            assert connection.execute("select count(*) from datapoints").fetchone()[0] == 0
+        finally:
+            connection.close()
+
+        summary = _run(org, server, data_dir, start=START, end=END)
+
+    assert summary["status"] == "success"
+    connection = _connect(data_dir)
+    try:
+        stored, keys, buckets = connection.execute(
+            "select count(*), count(distinct (entity_type, entity_id, resolution, category, period_start)),"
+            " (select count(*) from revenue_buckets) from datapoints"
+        ).fetchone()
+    finally:
+        connection.close()
+    assert stored == keys > 0
+    assert stored + buckets == summary["rows_loaded"]
 
 
 # Quarantine and failed windows

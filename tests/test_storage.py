@@ -274,6 +274,112 @@ def test_store_full_disk_keeps_old_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
+def _file_fsyncs(monkeypatch: pytest.MonkeyPatch, before=None) -> list[tuple[str, str]]:
+    """Record (thread name, temp file name) for every fsync of a file; call ``before`` first."""
+    calls: list[tuple[str, str]] = []
+    real_fsync = storage.os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        if stat.S_ISREG(os.fstat(descriptor).st_mode):
+            if before is not None:
+                before()
+            calls.append((threading.current_thread().name, Path(os.readlink(f"/proc/self/fd/{descriptor}")).name))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(storage.os, "fsync", recording_fsync)
+    return calls
+
+
+def test_background_commits_fsync_and_rename_off_the_writing_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    fsyncs = _file_fsyncs(monkeypatch)
+    renames: list[tuple[str, str]] = []
+    real_replace = storage.os.replace
+
+    def recording_replace(source, target) -> None:
+        renames.append((Path(source).name, Path(target).name))
+        real_replace(source, target)
+
+    monkeypatch.setattr(storage.os, "replace", recording_replace)
+    store = ParquetStore(tmp_path)
+    with store.background_commits():
+        written = [store.write_datapoints(_datapoints(datetime(2025, 11, day, tzinfo=UTC), 4)) for day in (3, 10, 17)]
+
+    paths = [path for files in written for path in files]
+    assert len(paths) == 3
+    assert [pq.read_table(path).num_rows for path in paths] == [4, 4, 4]
+    assert {thread for thread, _ in fsyncs} == {"parquet-commit_0"}
+    # Each temp file is fsynced before it is renamed over its path.
+    assert [name for name, _ in renames] == [name for _, name in fsyncs]
+    assert [target for _, target in renames] == [path.name for path in paths]
+    assert store.sync_folders() == 1
+    assert _files_under(tmp_path) == sorted(str(path.relative_to(tmp_path)) for path in paths)
+
+
+def test_background_commits_merge_waits_for_the_pending_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # A slow disk: the first file is still waiting for its rename when the second write of
+    # the same block starts, which must merge into it rather than replace it.
+    fsync_may_finish = threading.Event()
+    _file_fsyncs(monkeypatch, before=lambda: fsync_may_finish.wait(timeout=10))
+    store = ParquetStore(tmp_path)
+    with store.background_commits():
+        (path,) = store.write_datapoints(_datapoints(DAY, 4))
+        assert not path.exists()
+        threading.Timer(0.2, fsync_may_finish.set).start()
+        store.write_datapoints(_datapoints(DAY + timedelta(hours=1), 4, categories=("revenue_fcr",)))
+
+    stored = pl.read_parquet(path)
+    assert stored.height == 8
+    assert sorted(set(stored["category"])) == ["revenue_fcr", "revenue_wholesale"]
+
+
+def test_background_commits_wait_when_too_many_files_are_pending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(storage, "MAX_PENDING_COMMITS", 1)
+    fsync_may_finish = threading.Event()
+    _file_fsyncs(monkeypatch, before=lambda: fsync_may_finish.wait(timeout=10))
+    store = ParquetStore(tmp_path)
+    with store.background_commits():
+        store.write_datapoints(_datapoints(DAY, 4))
+        second = threading.Thread(target=store.write_datapoints, args=(_datapoints(DAY + timedelta(days=7), 4),))
+        second.start()
+        second.join(timeout=0.3)
+        blocked = second.is_alive()
+        fsync_may_finish.set()
+        second.join(timeout=10)
+
+    assert blocked
+    assert len(_files_under(tmp_path)) == 2
+
+
+def test_background_commits_full_disk_raises_at_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    store = ParquetStore(tmp_path)
+    (path,) = store.write_datapoints(_datapoints(DAY, 4))
+    before = path.read_bytes()
+
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _file_fsyncs(monkeypatch, before=full_disk)
+    with pytest.raises(TerralayrError) as caught, store.background_commits():
+        # The write itself returns; the fsync on the background thread fails.
+        store.write_datapoints(_datapoints(DAY, 4, value_offset=50.0))
+
+    assert str(path) in str(caught.value)
+    assert "free disk space" in str(caught.value)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_background_commits_keep_the_blocks_own_error(tmp_path: Path):
+    store = ParquetStore(tmp_path)
+    with pytest.raises(KeyboardInterrupt), store.background_commits():
+        (path,) = store.write_datapoints(_datapoints(DAY, 4))
+        raise KeyboardInterrupt
+
+    # The files written before the error are complete and in place.
+    assert pq.read_table(path).num_rows == 4
+    assert _files_under(tmp_path) == [str(path.relative_to(tmp_path))]
+
+
 def test_store_clean_temp_files_removes_leftovers(tmp_path: Path):
     store = ParquetStore(tmp_path)
     (path,) = store.write_datapoints(_datapoints(datetime(2025, 1, 1, tzinfo=UTC), 4))

@@ -346,7 +346,10 @@ def _nightly(
             )
             discovery, jobs = _plan(run_id, settings, warehouse, span, resolutions)
             log.info("Planned %s request windows for %s entities", f"{len(jobs):,}", f"{len(discovery.entities):,}")
-            results, failures = _fetch_all(run_id, jobs, settings.pipeline.windows_per_task)
+            # One background thread fsyncs and renames the files, so the fetch threads go on
+            # with their next window. The block ends once every file is in place.
+            with store.background_commits():
+                results, failures = _fetch_all(run_id, jobs, settings.pipeline.windows_per_task)
             boundary = resolve_outside_rows(results, store)
             store.sync_folders()
             # Not quoted: Prefect finds the discover and fetch task runs the load depends on
