@@ -305,7 +305,6 @@ class ParquetStore:
         self._write_atomically(_conform(merged, dataset.file_schema), path, dataset.key)
         logger.debug("Wrote %d rows to %s (%d new, %d replaced)", merged.height, path, new_rows.height - replaced, replaced)
 
-
     def _write_atomically(self, table: pa.Table, path: Path, key: Sequence[str]) -> None:
         """Write ``table`` to a temp file beside ``path``, then fsync it and rename it over ``path``.
 
