@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from terralayr_etl.batches import fetch_batch, plan_batches
-from terralayr_etl.errors import ApiError, MalformedResponseError
+from terralayr_etl.errors import ApiError, DiskFullError, MalformedResponseError
 from terralayr_etl.pipeline import FetchJob, WindowResult
 from terralayr_etl.run_report import FailedWindow
 
@@ -112,3 +112,26 @@ def test_fetch_batch_stops_before_next_window() -> None:
 
     assert fetch.calls == jobs[:1]
     assert [outcome.job for outcome in outcomes] == jobs[:1]
+
+
+def test_fetch_batch_stops_on_full_disk() -> None:
+    first, second = _job("va-a", 0), _job("va-a", 1)
+    fetch = _ScriptedFetch({first: [DiskFullError("no space left on the device while writing x.parquet")]})
+
+    with pytest.raises(DiskFullError, match="x.parquet"):
+        fetch_batch(fetch, [first, second], retries=2, retry_delay_seconds=0)
+
+    assert fetch.calls == [first]
+
+
+def test_fetch_batch_logs_failed_window(caplog: pytest.LogCaptureFixture) -> None:
+    job = _job("va-a", 0)
+    fetch = _ScriptedFetch({job: [MalformedResponseError("the body is not JSON")]})
+
+    with caplog.at_level("WARNING", logger="terralayr_etl.batches"):
+        (outcome,) = fetch_batch(fetch, [job], retries=2, retry_delay_seconds=0)
+
+    assert isinstance(outcome, FailedWindow)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{job.describe()} failed; the run goes on without it: the body is not JSON"
+    ]

@@ -47,7 +47,7 @@ from terralayr_etl import batches, flows, models, storage
 from terralayr_etl.client import ApiClient
 from terralayr_etl.categories import CATEGORY_NAMES
 from terralayr_etl.config import Credentials, load_settings
-from terralayr_etl.errors import ApiError, MalformedResponseError, TerralayrError
+from terralayr_etl.errors import ApiError, DiskFullError, MalformedResponseError, TerralayrError
 from terralayr_etl.models import ModelError
 from terralayr_etl.flows import run_nightly
 from terralayr_etl.pipeline import Discovery, Entity, FetchJob, plan_jobs, plan_starts
@@ -197,6 +197,35 @@ def test_flow_full_disk_at_fsync_fails_before_load(
         connection.close()
     assert stored == keys > 0
     assert stored + buckets == summary["rows_loaded"]
+
+
+def test_flow_full_disk_at_write_stops_run(
+    org: SmallOrg, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while a window's file is written stops the run at once, instead of failing
+    window after window, and names the file."""
+    calls = []
+
+    def full_disk(*args, **kwargs) -> None:
+        calls.append(args)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.pq, "write_table", full_disk)
+    data_dir = tmp_path / "data"
+    with serve_small_org(org) as (server, _), pytest.raises(DiskFullError) as caught:
+        _run(org, server, data_dir, start=START, end=END)
+
+    assert re.search(r"while writing /\S+\.parquet; free disk space there and rerun", str(caught.value))
+    # Batches that were already running finish their current window; nothing else is written.
+    assert len(calls) <= load_settings().api.max_concurrency
+    assert not [path for path in (data_dir / "parquet").rglob("*") if path.is_file()]
+    connection = _connect(data_dir)
+    try:
+        status, report = connection.execute("select status, report from runs").fetchone()
+    finally:
+        connection.close()
+    assert status == "failed"
+    assert json.loads(report)["error"].startswith("DiskFullError: no space left on the device while writing ")
 
 
 # Quarantine and failed windows

@@ -8,7 +8,7 @@ later windows of its own entity's batch.
 
 A window that fails with a TerralayrError does not fail its batch. It is retried after an API
 failure that may pass, and otherwise comes back as a FailedWindow next to the other windows'
-results.
+results. A full disk is the exception: it fails the batch, and so the run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import stamina
 
-from terralayr_etl.errors import ApiError, TerralayrError
+from terralayr_etl.errors import ApiError, DiskFullError, TerralayrError, one_line
 from terralayr_etl.pipeline import FetchJob, WindowResult
 from terralayr_etl.responses import RETRY_STATUS_CODES
 from terralayr_etl.run_report import FailedWindow
@@ -65,7 +65,7 @@ def fetch_batch(
 
     A transient API failure is retried up to ``retries`` times, ``retry_delay_seconds`` apart.
     Any other TerralayrError, or a transient one that outlasts the retries, becomes a
-    FailedWindow. Other exceptions are bugs and propagate. Once ``should_stop`` returns True
+    FailedWindow, except DiskFullError, which propagates. Other exceptions are bugs and propagate. Once ``should_stop`` returns True
     (the run is ending), no further window starts, and the outcomes cover only the windows
     fetched so far.
     """
@@ -95,7 +95,11 @@ def _fetch_one(
                 if attempt.num > 1:
                     logger.warning("Fetching %s again (retry %d of %d)", job.describe(), attempt.num - 1, retries)
                 return fetch(job)
+    except DiskFullError:
+        # Every later window would fail the same way, so the run stops here.
+        raise
     except TerralayrError as exc:
+        logger.warning("%s failed; the run goes on without it: %s", job.describe(), one_line(exc))
         return FailedWindow(job, type(exc).__name__, str(exc))
     raise AssertionError("stamina.retry_context ended without an attempt")
 

@@ -23,7 +23,6 @@ import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Annotated
 
 # Keep Prefect's local server from phoning home: this tool runs on machines without internet.
@@ -33,7 +32,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import typer  # noqa: E402
 
 from terralayr_etl import interrupts  # noqa: E402
-from terralayr_etl.errors import TerralayrError, one_line  # noqa: E402
+from terralayr_etl.errors import TerralayrError, error_chain, one_line  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -361,7 +360,7 @@ def _run_notes(exc: BaseException) -> list[str]:
         return []
     prefix = flows.RUN_NOTE_PREFIX
     # After SIGTERM the note is on Prefect's TerminationSignal, from which Terminated came.
-    for error in _error_chain(exc):
+    for error in error_chain(exc):
         notes = [f"Run {note.removeprefix(prefix)}." for note in getattr(error, "__notes__", []) if note.startswith(prefix)]
         if notes:
             return notes
@@ -427,18 +426,9 @@ def crash_line(exc: BaseException, run_notes: list[str], *, logged: bool = False
     return " ".join([head, *run_notes, *committed, advice]), CRASH_EXIT_STATUS
 
 
-def _error_chain(exc: BaseException | None) -> Iterator[BaseException]:
-    """Yield ``exc`` and the errors it came from (its cause, or else its context)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def _cause_of_type(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
     """Return ``exc`` or the first error it came from that is a ``kind``, or None."""
-    return next((error for error in _error_chain(exc) if isinstance(error, kind)), None)
+    return next((error for error in error_chain(exc) if isinstance(error, kind)), None)
 
 
 def _full_disk_error(exc: BaseException) -> BaseException | None:
@@ -446,7 +436,7 @@ def _full_disk_error(exc: BaseException) -> BaseException | None:
     import errno
 
     duckdb = sys.modules.get("duckdb")
-    for error in _error_chain(exc):
+    for error in error_chain(exc):
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             return error
         # DuckDB reports the operating system's message in its own IOException.

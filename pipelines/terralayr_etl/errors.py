@@ -1,9 +1,22 @@
 """Project exceptions. Each message names the value that was wrong and what to do next;
 the CLI prints it as one line and exits non-zero."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+
 
 class TerralayrError(Exception):
     """Base class for errors a user can cause or fix."""
+
+
+def error_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """Yield ``exc`` and the errors it came from (its cause, or else its context)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def one_line(error: BaseException) -> str:
@@ -63,3 +76,11 @@ class MalformedResponseError(TerralayrError):
 
 class WarehouseLockedError(TerralayrError):
     """Another process has locked the warehouse."""
+
+
+class DiskFullError(TerralayrError):
+    """The disk has no space left for a file that the pipeline writes.
+
+    Every later write would fail the same way, so a run stops at the first one instead of
+    failing window after window.
+    """

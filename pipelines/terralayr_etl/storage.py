@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from terralayr_etl.config import ENTITY_TYPES, RESOLUTIONS
 from terralayr_etl.resources import CPU_SLOTS
-from terralayr_etl.errors import InvalidEntityIdError, TerralayrError
+from terralayr_etl.errors import DiskFullError, InvalidEntityIdError, TerralayrError
 from terralayr_etl.ids import validate_entity_id
 from terralayr_etl.normalise import (
     BUCKET_SCHEMA,
@@ -601,10 +601,10 @@ def _discard(handle: IO[bytes], temp_path: Path) -> None:
     temp_path.unlink(missing_ok=True)
 
 
-def _full_disk_error(exc: BaseException, path: Path) -> TerralayrError | None:
+def _full_disk_error(exc: BaseException, path: Path) -> DiskFullError | None:
     """Return the error to raise instead of ``exc`` when it reports a full disk."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        error = TerralayrError(
+        error = DiskFullError(
             f"no space left on the device while writing {path}; free disk space there and rerun "
             "(the previous file is unchanged)"
         )
