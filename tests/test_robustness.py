@@ -228,6 +228,36 @@ def test_flow_full_disk_at_write_stops_run(
     assert json.loads(report)["error"].startswith("DiskFullError: no space left on the device while writing ")
 
 
+def test_flow_names_run_on_interrupt_behind_other_error(
+    org: SmallOrg, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect can fail with an error of its own while it handles Ctrl+C. The run then records
+    the interrupt first, and the interrupt carries the note that names the run."""
+
+    def interrupted_load(*args, **kwargs) -> int:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("Task run is not set")  # noqa: B904, as Prefect raises it
+
+    monkeypatch.setattr(flows, "load_task", interrupted_load)
+    data_dir = tmp_path / "data"
+    with serve_small_org(org) as (server, _), pytest.raises(ValueError, match="Task run is not set") as caught:
+        _run(org, server, data_dir, start=START, end=END)
+
+    interrupt = caught.value.__context__
+    assert isinstance(interrupt, KeyboardInterrupt)
+    connection = _connect(data_dir)
+    try:
+        run_id, status, report = connection.execute("select run_id, status, report from runs").fetchone()
+    finally:
+        connection.close()
+    assert status == "failed"
+    assert json.loads(report)["error"] == "KeyboardInterrupt; then ValueError: Task run is not set"
+    assert [note for note in interrupt.__notes__ if run_id in note]
+    assert [note for note in caught.value.__notes__ if run_id in note]
+
+
 # Quarantine and failed windows
 
 

@@ -35,7 +35,7 @@ from terralayr_etl.boundaries import BoundaryReport, resolve_outside_rows
 from terralayr_etl.client import ApiClient
 from terralayr_etl.config import ENTITY_TYPES, Settings, load_credentials, load_settings
 from terralayr_etl.batches import fetch_batch, is_transient, plan_batches
-from terralayr_etl.errors import TerralayrError, one_line
+from terralayr_etl.errors import TerralayrError, error_chain, one_line
 from terralayr_etl.fetching import fetch_window
 from terralayr_etl.interrupts import noting_sigterm
 from terralayr_etl.models import CHECK_CHUNK_ROWS, run_checks, run_models
@@ -304,6 +304,18 @@ def logged_by_flow(exc: BaseException) -> bool:
 _LOGGED_BY_FLOW = "_terralayr_logged_by_flow"
 
 
+def _signal_behind(exc: BaseException) -> BaseException | None:
+    """Return the first error in ``exc``'s chain that is not an Exception, such as the
+    KeyboardInterrupt of Ctrl+C or Prefect's TerminationSignal after SIGTERM."""
+    return next((error for error in error_chain(exc) if not isinstance(error, Exception)), None)
+
+
+def _error_text(exc: BaseException, stop: BaseException | None) -> str:
+    """Describe the error that ended a run for its row in the runs table, a signal first."""
+    errors = [exc] if stop is None or stop is exc else [stop, exc]
+    return "; then ".join(": ".join(filter(None, [type(error).__name__, one_line(error)])) for error in errors)
+
+
 def _nightly(
     start: str | None, end: str | None, resolutions: list[str] | None, data_dir: str | None, skip_checks: bool
 ) -> dict:
@@ -361,11 +373,15 @@ def _nightly(
                 warehouse, (_first_day(jobs, span), span.end_day), skip_checks, settings.pipeline.check_chunk_rows
             )
         except BaseException as exc:
+            # Prefect can fail with an error of its own while it handles Ctrl+C or SIGTERM (for
+            # example, "Task run is not set" when the signal arrives as a task run starts), and
+            # the caller then gets the signal's exception.
+            stop = _signal_behind(exc)
             try:
                 warehouse.finish_run(
                     run_id, status="failed", windows=len(jobs), requests=client.stats.requests,
                     retries=client.stats.retries, rows=warehouse.committed_rows, check_summary={},
-                    report={"error": ": ".join(filter(None, [type(exc).__name__, one_line(exc)]))},
+                    report={"error": _error_text(exc, stop)},
                 )  # fmt: skip
                 recorded = f"is marked failed in the runs table of {warehouse.path}"
             except Exception as record_error:
@@ -374,7 +390,8 @@ def _nightly(
                 log.error("Could not mark run %s failed in %s: %s", run_id, warehouse.path, one_line(record_error))
                 recorded = f"could not be marked failed in {warehouse.path} ({one_line(record_error)}); the next run marks it killed"
             # The CLI's closing line names the run from this note.
-            exc.add_note(f"{RUN_NOTE_PREFIX}{run_id} {recorded}")
+            for error in {id(error): error for error in (exc, stop) if error is not None}.values():
+                error.add_note(f"{RUN_NOTE_PREFIX}{run_id} {recorded}")
             raise
         finally:
             with _RUNTIMES_LOCK:
