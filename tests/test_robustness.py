@@ -155,7 +155,7 @@ def test_flow_syncs_folders_before_load(org: SmallOrg, prefect_harness, tmp_path
     assert int(events[-2].removeprefix("synced ")) > 0
 
 
-def test_flow_full_disk_at_fsync_fails_before_load(
+def test_flow_full_disk_at_fsync(
     org: SmallOrg, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fetch's files are fsynced and renamed on a background thread. A full disk there
@@ -199,7 +199,7 @@ def test_flow_full_disk_at_fsync_fails_before_load(
     assert stored + buckets == summary["rows_loaded"]
 
 
-def test_flow_full_disk_at_write_stops_run(
+def test_flow_full_disk_at_write(
     org: SmallOrg, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full disk while a window's file is written stops the run at once, instead of failing
@@ -216,7 +216,7 @@ def test_flow_full_disk_at_write_stops_run(
         _run(org, server, data_dir, start=START, end=END)
 
     assert re.search(r"while writing /\S+\.parquet; free disk space there and rerun", str(caught.value))
-    # Batches that were already running finish their current window; nothing else is written.
+    # Batches that were already running finish their current window, and nothing else is written.
     assert len(calls) <= load_settings().api.max_concurrency
     assert not [path for path in (data_dir / "parquet").rglob("*") if path.is_file()]
     connection = _connect(data_dir)
@@ -228,7 +228,7 @@ def test_flow_full_disk_at_write_stops_run(
     assert json.loads(report)["error"].startswith("DiskFullError: no space left on the device while writing ")
 
 
-def test_flow_names_run_on_interrupt_behind_other_error(
+def test_flow_interrupt_behind_prefect_error(
     org: SmallOrg, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Prefect can fail with an error of its own while it handles Ctrl+C. The run then records

@@ -65,9 +65,9 @@ def fetch_batch(
 
     A transient API failure is retried up to ``retries`` times, ``retry_delay_seconds`` apart.
     Any other TerralayrError, or a transient one that outlasts the retries, becomes a
-    FailedWindow, except DiskFullError, which propagates. Other exceptions are bugs and propagate. Once ``should_stop`` returns True
-    (the run is ending), no further window starts, and the outcomes cover only the windows
-    fetched so far.
+    FailedWindow. A DiskFullError propagates, and so do other exceptions, which are bugs.
+    Once ``should_stop`` returns True (the run is ending), no further window starts, and the
+    outcomes cover only the windows fetched so far.
     """
     outcomes: list[WindowResult | FailedWindow] = []
     for job in jobs:
