@@ -239,7 +239,7 @@ def _print_run(summary: dict) -> None:
     typer.echo(
         f"Run {summary['run_id']} ({summary['status']}): local days {summary['start']} to {summary['end']} (end exclusive), "
         f"{summary['windows']:,} windows, {summary['requests']:,} requests, {summary['retries']:,} retries, "
-        f"{summary['rows_loaded']:,} rows loaded"
+        f"{summary['rows_loaded']:,} rows loaded (data points and revenue buckets)"
     )
     from terralayr_etl.run_report import describe_recovered_problems
 
