@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import threading
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from terralayr_etl import storage
-from terralayr_etl.errors import InvalidEntityIdError, TerralayrError
+from terralayr_etl.errors import DiskFullError, InvalidEntityIdError, TerralayrError
 from terralayr_etl.normalise import BUCKET_SCHEMA, ENCODED_LONG_SCHEMA, LONG_SCHEMA
 from terralayr_etl.storage import ParquetStore
 
@@ -378,6 +379,74 @@ def test_background_commits_keep_the_blocks_own_error(tmp_path: Path):
     # The files written before the error are complete and in place.
     assert pq.read_table(path).num_rows == 4
     assert _files_under(tmp_path) == [str(path.relative_to(tmp_path))]
+
+
+def test_background_commits_error_wins_over_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _file_fsyncs(monkeypatch, before=full_disk)
+    store = ParquetStore(tmp_path)
+    with caplog.at_level("ERROR", logger="terralayr_etl.storage"):
+        with pytest.raises(KeyboardInterrupt), store.background_commits():
+            (path,) = store.write_datapoints(_datapoints(DAY, 4))
+            raise KeyboardInterrupt
+
+    assert [record.getMessage() for record in caplog.records] == [
+        f"1 Parquet files could not be written, the first: no space left on the device while writing {path}; "
+        "free disk space there and rerun (the previous file is unchanged)"
+    ]
+    assert _files_under(tmp_path) == []
+
+
+def test_background_commits_later_writes_raise_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _file_fsyncs(monkeypatch, before=full_disk)
+    store = ParquetStore(tmp_path)
+    with pytest.raises(DiskFullError), store.background_commits():
+        (first,) = store.write_datapoints(_datapoints(DAY, 4))
+        # The same file: the write waits for the failed rename and raises its error.
+        with pytest.raises(DiskFullError, match=re.escape(str(first))):
+            store.write_datapoints(_datapoints(DAY, 4, value_offset=1.0))
+        # Another file: the write raises the first failure again instead of writing.
+        with pytest.raises(DiskFullError, match=re.escape(str(first))):
+            store.write_datapoints(_datapoints(DAY + timedelta(days=7), 4))
+
+    assert _files_under(tmp_path) == []
+
+
+def test_background_commits_late_writer_commits_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # A fetch thread that still writes while the block ends on an error: its file waits for a
+    # free place until the block's end has begun, and must then be written, not dropped.
+    monkeypatch.setattr(storage, "MAX_PENDING_COMMITS", 1)
+    fsync_may_finish = threading.Event()
+    _file_fsyncs(monkeypatch, before=lambda: fsync_may_finish.wait(timeout=10))
+    store = ParquetStore(tmp_path)
+    errors: list[BaseException] = []
+
+    def late_write() -> None:
+        try:
+            store.write_datapoints(_datapoints(DAY + timedelta(days=7), 4))
+        except BaseException as exc:
+            errors.append(exc)
+
+    late = threading.Thread(target=late_write)
+    with pytest.raises(KeyboardInterrupt), store.background_commits():
+        store.write_datapoints(_datapoints(DAY, 4))
+        late.start()
+        late.join(timeout=0.3)
+        waiting = late.is_alive()
+        threading.Timer(0.3, fsync_may_finish.set).start()
+        raise KeyboardInterrupt
+    late.join(timeout=10)
+
+    assert waiting
+    assert errors == []
+    assert len(_files_under(tmp_path)) == 2
 
 
 def test_store_clean_temp_files_removes_leftovers(tmp_path: Path):

@@ -26,6 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import ExternalSignal
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
@@ -305,9 +306,9 @@ _LOGGED_BY_FLOW = "_terralayr_logged_by_flow"
 
 
 def _signal_behind(exc: BaseException) -> BaseException | None:
-    """Return the first error in ``exc``'s chain that is not an Exception, such as the
-    KeyboardInterrupt of Ctrl+C or Prefect's TerminationSignal after SIGTERM."""
-    return next((error for error in error_chain(exc) if not isinstance(error, Exception)), None)
+    """Return the KeyboardInterrupt of Ctrl+C, or Prefect's TerminationSignal after SIGTERM,
+    that ``exc`` came from or is, or None."""
+    return next((error for error in error_chain(exc) if isinstance(error, (KeyboardInterrupt, ExternalSignal))), None)
 
 
 def _error_text(exc: BaseException, stop: BaseException | None) -> str:

@@ -24,6 +24,7 @@ background thread, so a fetch thread goes on with its next window while the disk
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import os
@@ -44,7 +45,7 @@ import pyarrow.parquet as pq
 
 from terralayr_etl.config import ENTITY_TYPES, RESOLUTIONS
 from terralayr_etl.resources import CPU_SLOTS
-from terralayr_etl.errors import DiskFullError, InvalidEntityIdError, TerralayrError
+from terralayr_etl.errors import DiskFullError, InvalidEntityIdError, TerralayrError, one_line
 from terralayr_etl.ids import validate_entity_id
 from terralayr_etl.normalise import (
     BUCKET_SCHEMA,
@@ -165,9 +166,9 @@ class ParquetStore:
 
         A write then returns once its temp file is written, and the file appears at its path
         a moment later. Merging into a file waits for that file's pending rename, and the
-        block's end waits for all of them. If a rename failed, the end raises its error
-        (unless the block raised one of its own), and the paths of the failed files hold
-        their previous content. Use it around the writes of many threads: in W2's replay,
+        block's end waits for all of them. If a rename failed, every later write in the block
+        raises its error again, and so does the end (unless the block raised an error of its
+        own, which then wins). The paths of the failed files hold their previous content. Use it around the writes of many threads: in W2's replay,
         fetch threads waited 0.7 s in fsync, which the background thread now does instead.
         Writes outside the block fsync and rename before they return.
         """
@@ -178,11 +179,15 @@ class ParquetStore:
         try:
             yield
         except BaseException:
-            self._committer = None
-            committer.close()
+            try:
+                committer.close()
+            finally:
+                self._committer = None
             raise
-        self._committer = None
-        committer.close(raise_first=True)
+        try:
+            committer.close(raise_first=True)
+        finally:
+            self._committer = None
 
     def sync_folders(self) -> int:
         """Persist the renames of the files written since the last call, and return the folder count.
@@ -329,7 +334,8 @@ class _Committer:
 
     Each waiting file stays open, so that its fsync reports any failed write of its pages.
     At most MAX_PENDING_COMMITS files wait at a time, and a writer that would add one more
-    waits for a free place.
+    waits for a free place. After a failure every later write raises it again, so that the
+    fetch stops at its next window instead of writing files that cannot be loaded.
     """
 
     def __init__(self, renamed_in: Callable[[Path], None]):
@@ -338,20 +344,31 @@ class _Committer:
         self._free_places = threading.BoundedSemaphore(MAX_PENDING_COMMITS)
         self._lock = threading.Lock()
         self._pending: dict[Path, Future[None]] = {}
-        self._failed: list[Future[None]] = []
+        self._failures: list[BaseException] = []
+        self._closed = False
 
     def submit(self, handle: IO[bytes], temp_path: Path, path: Path) -> None:
-        """Queue the fsync of ``handle`` and the rename of ``temp_path`` to ``path``."""
+        """Queue the fsync of ``handle`` and the rename of ``temp_path`` to ``path``.
+
+        Once ``close`` has begun, a late writer (a fetch thread still running when the block
+        ended on an error) commits its file itself.
+        """
         self._free_places.acquire()
-        try:
-            future = self._pool.submit(self._commit, handle, temp_path, path)
-        except BaseException:
-            self._free_places.release()
-            _discard(handle, temp_path)
-            raise
+        future: Future[None] = Future()
         with self._lock:
-            self._pending[path] = future
-        future.add_done_callback(lambda done: self._settle(path, done))
+            failure = self._failures[0] if self._failures else None
+            queued = failure is None and not self._closed
+            if queued:
+                self._pending[path] = future
+                self._pool.submit(self._commit, handle, temp_path, path, future)
+        if queued:
+            return
+        self._free_places.release()
+        if failure is not None:
+            _discard(handle, temp_path)
+            raise copy.copy(failure) from failure
+        _commit(handle, temp_path, path)
+        self._renamed_in(path.parent)
 
     def wait_for(self, path: Path) -> None:
         """Wait until the queued write of ``path``, if any, is renamed; raise its error if it failed."""
@@ -362,28 +379,33 @@ class _Committer:
 
     def close(self, *, raise_first: bool = False) -> None:
         """Wait for every queued file; with ``raise_first``, raise the first failure."""
+        with self._lock:
+            self._closed = True
         self._pool.shutdown(wait=True)
-        if not self._failed:
+        with self._lock:
+            failures = list(self._failures)
+        if not failures:
             return
-        errors = [future.exception() for future in self._failed]
-        logger.error("%d Parquet files could not be written: %s", len(errors), "; ".join(map(str, errors)))
-        if raise_first and errors[0] is not None:
-            raise errors[0]
+        logger.error("%d Parquet files could not be written, the first: %s", len(failures), one_line(failures[0]))
+        if raise_first:
+            raise failures[0]
 
-    def _commit(self, handle: IO[bytes], temp_path: Path, path: Path) -> None:
+    def _commit(self, handle: IO[bytes], temp_path: Path, path: Path, future: Future[None]) -> None:
         try:
             _commit(handle, temp_path, path)
+            self._renamed_in(path.parent)
+        except BaseException as exc:
+            with self._lock:
+                # Kept in _pending, so that a later write of the same path raises it too.
+                self._failures.append(exc)
+            future.set_exception(exc)
+        else:
+            with self._lock:
+                if self._pending.get(path) is future:
+                    del self._pending[path]
+            future.set_result(None)
         finally:
             self._free_places.release()
-        self._renamed_in(path.parent)
-
-    def _settle(self, path: Path, future: Future[None]) -> None:
-        with self._lock:
-            if future.exception() is not None:
-                # Kept in _pending, so that a later write of the same path raises it too.
-                self._failed.append(future)
-            elif self._pending.get(path) is future:
-                del self._pending[path]
 
 
 _BLOCK = "_block"
