@@ -189,6 +189,33 @@ def test_store_merge_keeps_single_label_columns_uncompressed(tmp_path: Path):
     assert pq.read_metadata(path).num_rows == 6 + 2
 
 
+def _labels(*chunks: tuple[list[str], list[int]]) -> pa.ChunkedArray:
+    """A dictionary-encoded column with one chunk per (dictionary, indices) pair."""
+    return pa.chunked_array(
+        [pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(dictionary)) for dictionary, indices in chunks]
+    )
+
+
+@pytest.mark.parametrize(
+    ("column", "expected"),
+    [
+        (_labels((["a"], [0, 0])), "a"),
+        (_labels((["a", "b", "c"], [1, 1, 1])), "b"),
+        (_labels((["a", "b", "c"], [0, 2, 0])), None),
+        # Two entries with one text: the rows hold one label.
+        (_labels((["a", "b", "a"], [0, 2, 0])), "a"),
+        (_labels((["a", "b", "a"], [0, 1])), None),
+        (_labels((["a"], [0]), (["b", "a"], [1, 1])), "a"),
+        (_labels((["a"], [0]), (["b"], [0])), None),
+        (_labels((["a", "b"], [0, None])), None),
+        (pa.chunked_array([pa.array(["x", "x"])]), "x"),
+        (pa.chunked_array([pa.array(["x", "y"])]), None),
+    ],
+)
+def test_only_value_of_label_columns(column: pa.ChunkedArray, expected: str | None):
+    assert storage._only_value(column) == expected
+
+
 def test_store_casts_polars_frame_to_long_schema(tmp_path: Path):
     store = ParquetStore(tmp_path)
     frame = pl.from_arrow(_datapoints(datetime(2025, 1, 1, tzinfo=UTC), 2)).with_columns(

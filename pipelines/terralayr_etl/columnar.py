@@ -235,19 +235,21 @@ def _timestamps(data: bytes, layout: _Layout, timestamp_type: pa.DataType) -> pa
     every text are equal, which costs far less than parsing the texts again.
     """
     words = _unaligned(data, "<u8")
-    size_per_point = np.repeat(layout.timestamp_size, layout.lengths)
     word_count = -(-int(layout.timestamp_size.max()) // 8)
-    keys = np.stack([words[layout.timestamp_at + np.minimum(8 * k, size_per_point - 8)] for k in range(word_count)])
-
     lists = len(layout.lengths)
     first_length, first_size = int(layout.lengths[0]), int(layout.timestamp_size[0])
     if lists > 1 and (layout.lengths == first_length).all() and (layout.timestamp_size == first_size).all():
         # The usual body: every category reports the same periods, so one comparison of all
-        # lists with the first replaces one per list.
-        by_list = keys.reshape(word_count, lists, first_length)
+        # lists with the first replaces one per list. Every text has the same size here, so
+        # one gather reads all of their words.
+        offsets = np.minimum(np.arange(0, 8 * word_count, 8), first_size - 8)
+        by_list = words[layout.timestamp_at + offsets[:, np.newaxis]].reshape(word_count, lists, first_length)
         if (by_list == by_list[:, :1, :]).all():
             parsed = _parse_timestamps(data, layout.timestamp_at[:first_length], first_size, timestamp_type)
             return None if parsed is None else pa.concat_arrays([parsed] * lists)
+
+    size_per_point = np.repeat(layout.timestamp_size, layout.lengths)
+    keys = np.stack([words[layout.timestamp_at + np.minimum(8 * k, size_per_point - 8)] for k in range(word_count)])
 
     parts: list[pa.Array] = []
     previous: tuple[int, int, np.ndarray] | None = None

@@ -472,8 +472,18 @@ def _only_value(column: pa.ChunkedArray) -> str | None:
         if len(chunk.dictionary) == 1:
             # normalise builds a label that is equal on every row with a one-entry dictionary.
             values.add(chunk.dictionary[0].as_py())
+            continue
+        bounds = pc.min_max(chunk.indices)
+        if bounds["min"] == bounds["max"]:
+            values.add(chunk.dictionary[bounds["min"].as_py()].as_py())
+        elif pc.count_distinct(chunk.dictionary).as_py() == len(chunk.dictionary):
+            # Rows point at two entries of a dictionary whose entries all differ, such as the
+            # categories of a response: two labels, found without listing them.
+            return None
         else:
             values.update(chunk.dictionary.take(pc.unique(chunk.indices)).to_pylist())
+        if len(values) > 1:
+            return None
     return values.pop() if len(values) == 1 else None
 
 
