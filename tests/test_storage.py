@@ -318,7 +318,7 @@ def _file_fsyncs(monkeypatch: pytest.MonkeyPatch, before=None) -> list[tuple[str
     return calls
 
 
-def test_background_commits_fsync_and_rename_off_the_writing_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_background_commits_off_writer_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     fsyncs = _file_fsyncs(monkeypatch)
     renames: list[tuple[str, str]] = []
     real_replace = storage.os.replace
@@ -343,7 +343,7 @@ def test_background_commits_fsync_and_rename_off_the_writing_thread(tmp_path: Pa
     assert _files_under(tmp_path) == sorted(str(path.relative_to(tmp_path)) for path in paths)
 
 
-def test_background_commits_merge_waits_for_the_pending_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_background_commits_merge_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # A slow disk: the first file is still waiting for its rename when the second write of
     # the same block starts, which must merge into it rather than replace it.
     fsync_may_finish = threading.Event()
@@ -360,7 +360,7 @@ def test_background_commits_merge_waits_for_the_pending_file(tmp_path: Path, mon
     assert sorted(set(stored["category"])) == ["revenue_fcr", "revenue_wholesale"]
 
 
-def test_background_commits_wait_when_too_many_files_are_pending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_background_commits_bound_pending_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(storage, "MAX_PENDING_COMMITS", 1)
     fsync_may_finish = threading.Event()
     _file_fsyncs(monkeypatch, before=lambda: fsync_may_finish.wait(timeout=10))
@@ -378,7 +378,7 @@ def test_background_commits_wait_when_too_many_files_are_pending(tmp_path: Path,
     assert len(_files_under(tmp_path)) == 2
 
 
-def test_background_commits_full_disk_raises_at_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_background_commits_full_disk_at_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     store = ParquetStore(tmp_path)
     (path,) = store.write_datapoints(_datapoints(DAY, 4))
     before = path.read_bytes()
@@ -397,7 +397,7 @@ def test_background_commits_full_disk_raises_at_the_end(tmp_path: Path, monkeypa
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
-def test_background_commits_keep_the_blocks_own_error(tmp_path: Path):
+def test_background_commits_block_error_wins(tmp_path: Path):
     store = ParquetStore(tmp_path)
     with pytest.raises(KeyboardInterrupt), store.background_commits():
         (path,) = store.write_datapoints(_datapoints(DAY, 4))
@@ -408,7 +408,7 @@ def test_background_commits_keep_the_blocks_own_error(tmp_path: Path):
     assert _files_under(tmp_path) == [str(path.relative_to(tmp_path))]
 
 
-def test_background_commits_error_wins_over_full_disk(
+def test_background_commits_error_over_full_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
     def full_disk() -> None:
@@ -428,7 +428,7 @@ def test_background_commits_error_wins_over_full_disk(
     assert _files_under(tmp_path) == []
 
 
-def test_background_commits_later_writes_raise_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_background_commits_later_writes_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def full_disk() -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -446,7 +446,7 @@ def test_background_commits_later_writes_raise_failure(tmp_path: Path, monkeypat
     assert _files_under(tmp_path) == []
 
 
-def test_background_commits_late_writer_commits_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_background_commits_late_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # A fetch thread that still writes while the block ends on an error: its file waits for a
     # free place until the block's end has begun, and must then be written, not dropped.
     monkeypatch.setattr(storage, "MAX_PENDING_COMMITS", 1)
