@@ -81,6 +81,6 @@ class WarehouseLockedError(TerralayrError):
 class DiskFullError(TerralayrError):
     """The disk has no space left for a file that the pipeline writes.
 
-    Every later write would fail the same way, so a run stops at the first one instead of
-    failing window after window.
+    Every later write would fail the same way, so the run stops instead of failing window
+    after window.
     """
