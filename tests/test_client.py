@@ -21,6 +21,7 @@ from terralayr_etl.timeutil import local_day_of
 from terralayr_etl.client import ApiClient, RawResponse, _next_cursor
 from terralayr_etl.config import Settings
 from terralayr_etl.errors import ApiError, AuthenticationError, InvalidEntityIdError, MalformedResponseError
+from terralayr_etl.responses import MAX_REAUTHENTICATIONS
 from terralayr_etl.retries import parse_retry_after
 from terralayr_etl.windows import plan_windows
 
@@ -128,16 +129,29 @@ def test_client_401_on_data_request_reauthenticates_once(fake: FakeApi, client: 
     assert client.stats.authentications == 2
 
 
-def test_client_repeated_401_raises_api_error(fake: FakeApi, client: ApiClient) -> None:
+def test_client_401_after_reauthentication_reauthenticates_again(fake: FakeApi, client: ApiClient) -> None:
+    # A server that ends tokens early can reject the new token too when the request queues.
     fetch_one_day(client)
     fake.script(VA_PATH, ScriptedReply(401), ScriptedReply(401))
+
+    pages = fetch_one_day(client)
+
+    assert len(pages) == 1
+    assert fake.authentications == 3
+    assert len(fake.requests_to(VA_PATH)) == 4
+
+
+def test_client_repeated_401_raises_api_error(fake: FakeApi, client: ApiClient) -> None:
+    fetch_one_day(client)
+    fake.script(VA_PATH, *[ScriptedReply(401)] * (MAX_REAUTHENTICATIONS + 1))
 
     with pytest.raises(ApiError) as raised:
         fetch_one_day(client)
 
     assert raised.value.status_code == 401
-    assert fake.authentications == 2
-    assert len(fake.requests_to(VA_PATH)) == 3
+    assert f"re-authenticating {MAX_REAUTHENTICATIONS} times" in str(raised.value)
+    assert fake.authentications == 1 + MAX_REAUTHENTICATIONS
+    assert len(fake.requests_to(VA_PATH)) == 1 + 1 + MAX_REAUTHENTICATIONS
 
 
 def test_client_wrong_password_raises_authentication_error(fake: FakeApi, caplog: pytest.LogCaptureFixture) -> None:

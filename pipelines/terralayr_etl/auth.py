@@ -13,7 +13,7 @@ import httpx
 from terralayr_etl.config import Credentials
 from terralayr_etl.errors import AuthenticationError, MalformedResponseError
 from terralayr_etl.fetch_stats import FetchStats
-from terralayr_etl.responses import check_response, error_details
+from terralayr_etl.responses import MAX_REAUTHENTICATIONS, check_response, error_details
 
 logger = logging.getLogger("terralayr_etl.client")
 
@@ -24,7 +24,9 @@ class BearerTokenAuth(httpx.Auth):
     """Authenticate with username and password, then send ``Authorization: Bearer <token>``.
 
     The token is reused until ``refresh_margin_seconds`` before its ``expires_in`` runs out.
-    A request that gets 401 triggers one re-authentication and is repeated once. The API
+    A request that gets 401 triggers a re-authentication and is repeated, up to
+    ``MAX_REAUTHENTICATIONS`` times: a server that ends tokens before ``expires_in`` says can
+    reject the new token too when the request waits longer than that in a queue. The API
     documents no refresh endpoint, so every re-authentication sends username and password.
 
     Safe for the threads that share one ``httpx.Client``: a lock serialises authentication,
@@ -60,12 +62,12 @@ class BearerTokenAuth(httpx.Auth):
         token, generation = yield from self._current_token(request)
         request.headers["Authorization"] = f"Bearer {token}"
         response = yield request
-        if response.status_code != 401:
-            return
-
-        token, _ = yield from self._token_after_rejection(request, generation)
-        request.headers["Authorization"] = f"Bearer {token}"
-        yield request
+        for _ in range(MAX_REAUTHENTICATIONS):
+            if response.status_code != 401:
+                return
+            token, generation = yield from self._token_after_rejection(request, generation)
+            request.headers["Authorization"] = f"Bearer {token}"
+            response = yield request
 
     def auth_flow(self, request: httpx.Request) -> AuthFlow:
         # httpx.AsyncClient would call this through async_auth_flow. The lock would block

@@ -15,11 +15,14 @@ from terralayr_etl.errors import ApiError, RangeTooLargeError
 RETRY_STATUS_CODES = frozenset({408, 429, 500, 502, 503, 504})
 """Statuses after which the same request may succeed later."""
 
+MAX_REAUTHENTICATIONS = 3
+"""Re-authentications per request before its 401 is reported as an error."""
+
 _MAX_MESSAGE_CHARS = 300
 
 _FIX_BY_STATUS = {
     400: "check the request parameters and the api settings in config/terralayr.toml",
-    401: "the token was rejected even after re-authenticating; check that TERRALAYR_USERNAME may read this endpoint",
+    401: f"the token was rejected even after re-authenticating {MAX_REAUTHENTICATIONS} times; check that TERRALAYR_USERNAME may read this endpoint",
     403: "check that the account in TERRALAYR_USERNAME has access to this resource",
     404: "check the id and the path templates in api.paths of config/terralayr.toml",
 }
