@@ -129,7 +129,7 @@ def test_client_401_on_data_request_reauthenticates_once(fake: FakeApi, client: 
     assert client.stats.authentications == 2
 
 
-def test_client_401_after_reauthentication_reauthenticates_again(fake: FakeApi, client: ApiClient) -> None:
+def test_client_second_401_reauthenticates_again(fake: FakeApi, client: ApiClient) -> None:
     # A server that ends tokens early can reject the new token too when the request queues.
     fetch_one_day(client)
     fake.script(VA_PATH, ScriptedReply(401), ScriptedReply(401))

@@ -25,9 +25,10 @@ class BearerTokenAuth(httpx.Auth):
 
     The token is reused until ``refresh_margin_seconds`` before its ``expires_in`` runs out.
     A request that gets 401 triggers a re-authentication and is repeated, up to
-    ``MAX_REAUTHENTICATIONS`` times: a server that ends tokens before ``expires_in`` says can
-    reject the new token too when the request waits longer than that in a queue. The API
-    documents no refresh endpoint, so every re-authentication sends username and password.
+    ``MAX_REAUTHENTICATIONS`` times. A server that ends tokens before their ``expires_in`` can
+    reject the new token too, when the repeated request queues longer than the token lives.
+    The API documents no refresh endpoint, so every re-authentication sends username and
+    password.
 
     Safe for the threads that share one ``httpx.Client``: a lock serialises authentication,
     and a generation counter lets a thread whose request failed with an older token reuse the
