@@ -63,6 +63,8 @@ class BearerTokenAuth(httpx.Auth):
         token, generation = yield from self._current_token(request)
         request.headers["Authorization"] = f"Bearer {token}"
         response = yield request
+        # NOTE: the API's docs do not say how a 401 for a missing permission differs from one
+        # for an expired token, so the former also costs MAX_REAUTHENTICATIONS logins.
         for _ in range(MAX_REAUTHENTICATIONS):
             if response.status_code != 401:
                 return
