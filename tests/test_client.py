@@ -15,10 +15,12 @@ from email.utils import format_datetime
 from typing import Any
 
 import pytest
+from httpcore._backends.sync import SyncStream
 from fakeapi import PASSWORD, USERNAME, FakeApi, ScriptedReply, make_credentials, make_settings, serve
 
 from terralayr_etl.timeutil import local_day_of
-from terralayr_etl.client import ApiClient, RawResponse, _next_cursor
+from terralayr_etl.categories import CATEGORY_NAMES
+from terralayr_etl.client import SOCKET_READ_BYTES, ApiClient, RawResponse, _next_cursor
 from terralayr_etl.config import Settings
 from terralayr_etl.errors import ApiError, AuthenticationError, InvalidEntityIdError, MalformedResponseError
 from terralayr_etl.responses import MAX_REAUTHENTICATIONS
@@ -344,6 +346,28 @@ def test_client_bounds_requests_in_flight(fake: FakeApi) -> None:
         run_concurrently(6, lambda: fetch_one_day(api_client))
 
     assert fake.max_in_flight == 2
+
+
+def test_client_reads_large_bodies_in_large_socket_reads(
+    fake: FakeApi, client: ApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpcore has no setting for its read size, so client.py sets the class attribute its
+    HTTP/1.1 connections read. If httpcore stopped reading it, this test would see 64 KiB reads."""
+    asked: list[int] = []
+    original_read = SyncStream.read
+
+    def recording_read(stream: SyncStream, max_bytes: int, timeout: float | None = None) -> bytes:
+        asked.append(max_bytes)
+        return original_read(stream, max_bytes, timeout)
+
+    monkeypatch.setattr(SyncStream, "read", recording_read)
+    start = datetime(2024, 3, 1, tzinfo=UTC)
+    categories = CATEGORY_NAMES[:20]
+    pages = client.fetch_datapoints("virtual_asset", VA_ID, "15min", start, start + timedelta(days=7), categories)
+
+    assert sum(len(page.body) for page in pages) > 4 * 64 * 1024
+    assert asked
+    assert set(asked) == {SOCKET_READ_BYTES}
 
 
 # Windows and cursors
