@@ -195,6 +195,9 @@ class ScriptedReplies:
         self._held_prefix: str | None = None
         self._release = threading.Event()
         self.served: list[Served] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        """Most requests the server was handling at once, from arrival to the last body byte sent."""
 
     def script(self, path: str, *replies: Reply, query_contains: str = "") -> None:
         """Queue replies for requests to ``path`` whose query string contains ``query_contains``."""
@@ -233,6 +236,16 @@ class ScriptedReplies:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _serve(self, scope, receive, send) -> None:
         path = scope["path"]
         query = unquote(scope.get("query_string", b"").decode("latin-1"))
         received_at = time.monotonic()

@@ -365,6 +365,27 @@ def test_token_expiry_one_authentication_per_lifetime(
         assert token not in caplog.text
 
 
+def test_waiting_windows_add_threads_not_requests(
+    tmp_path_factory: pytest.TempPathFactory, prefect_harness, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pipeline.windows_waiting_for_cpu adds fetch threads that hold windows waiting for a CPU.
+    With two requests allowed and four windows allowed to wait, six threads fetch, and the
+    sandbox still never handles more than two requests at once."""
+    org = write_small_org(
+        tmp_path_factory.mktemp("waiting-config"),
+        api={"max_concurrency": 2},
+        pipeline={"windows_waiting_for_cpu": 4, "windows_per_task": 1},
+    )
+    with serve_small_org(org, latency_ms=100, scripted=True) as (server, scripted):
+        with caplog.at_level(logging.INFO, logger="terralayr_etl.fetching"):
+            summary = _run(org, server, tmp_path / "data", start=date(2024, 10, 26), end=date(2024, 10, 28))
+
+    fetch_threads = {record.threadName for record in caplog.records if record.name == "terralayr_etl.fetching"}
+    assert summary["status"] == "success"
+    assert len(fetch_threads) == 6
+    assert scripted.max_in_flight == 2
+
+
 def test_retry_after_waits_and_cap_is_reported(org: SmallOrg, prefect_harness, tmp_path, caplog) -> None:
     """VA-S's daily window gets 429 with Retry-After 2, VA-L's with Retry-After 3600, which the
     configured maximum of 3 s cuts. The cut is reported in the run summary and the runs table."""

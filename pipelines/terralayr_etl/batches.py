@@ -3,8 +3,9 @@
 A Prefect task run costs the Prefect client and server tens of milliseconds of CPU time, which
 at one task run per window was the largest cost of a run after the pipeline's own work. So a
 task run fetches a batch: up to ``pipeline.windows_per_task`` windows of one entity, one after
-another, while ``api.max_concurrency`` batches run in parallel. A slow window delays only the
-later windows of its own entity's batch.
+another, while other batches run in parallel, one per fetch thread (``api.max_concurrency``
+plus ``pipeline.windows_waiting_for_cpu``). A slow window delays only the later windows of its
+own entity's batch.
 
 A window that fails with a TerralayrError does not fail its batch. It is retried after an API
 failure that may pass, and otherwise comes back as a FailedWindow next to the other windows'

@@ -490,10 +490,16 @@ def run_nightly(
     settings: Settings | None = None,
     skip_checks: bool = False,
 ) -> dict:
-    """Run the ``nightly`` flow with a thread pool sized by ``api.max_concurrency``."""
+    """Run the ``nightly`` flow with a thread per request in flight (``api.max_concurrency``)
+    and per window that may wait for a CPU (``pipeline.windows_waiting_for_cpu``).
+
+    The client still sends at most ``api.max_concurrency`` requests at once. The extra threads
+    keep that many in flight while fetched windows wait for one of the CPU slots.
+    """
     settings = settings or load_settings()
     start_temporary_server_outside_ctrl_c()
-    configured = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=settings.api.max_concurrency))
+    threads = settings.api.max_concurrency + settings.pipeline.windows_waiting_for_cpu
+    configured = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=threads))
     return configured(
         start=start.isoformat() if start else None,
         end=end.isoformat() if end else None,
