@@ -63,8 +63,8 @@ def test_settings_reject_negative_waiting_windows(tmp_path: Path):
     shutil.copytree(CONFIG_DIR, tmp_path / "config")
     path = tmp_path / "config" / "terralayr.toml"
     text = path.read_text()
-    assert "windows_waiting_for_cpu = 8\n" in text
-    path.write_text(text.replace("windows_waiting_for_cpu = 8\n", "windows_waiting_for_cpu = -1\n", 1))
+    assert "windows_waiting_for_cpu = 4\n" in text
+    path.write_text(text.replace("windows_waiting_for_cpu = 4\n", "windows_waiting_for_cpu = -1\n", 1))
 
     with pytest.raises(TerralayrError) as raised:
         load_settings(path)
@@ -77,4 +77,4 @@ def test_waiting_windows_default_agrees():
     with (CONFIG_DIR / "terralayr.toml").open("rb") as handle:
         shipped = tomllib.load(handle)["pipeline"]
 
-    assert shipped["windows_waiting_for_cpu"] == PipelineSettings().windows_waiting_for_cpu == 8
+    assert shipped["windows_waiting_for_cpu"] == PipelineSettings().windows_waiting_for_cpu == 4

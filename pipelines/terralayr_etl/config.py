@@ -114,7 +114,7 @@ class PipelineSettings(_Strict):
     """Extra fetches of a window whose response could not be parsed or lacks a requested category."""
     windows_per_task: int = Field(default=16, ge=1, le=10_000)
     """Request windows of one entity fetched one after another by one Prefect task run."""
-    windows_waiting_for_cpu: int = Field(default=8, ge=0, le=256)
+    windows_waiting_for_cpu: int = Field(default=4, ge=0, le=256)
     """Fetched windows that may wait, with their responses in memory, for a CPU to decode them
     while ``api.max_concurrency`` further requests are in flight."""
     load_batch_rows: int = Field(default=8_000_000, ge=1)

@@ -1,6 +1,6 @@
 """Process-wide limits that keep the pipeline's memory flat while many windows are in flight.
 
-The fetch threads (``api.max_concurrency`` plus ``pipeline.windows_waiting_for_cpu``, 16 by
+The fetch threads (``api.max_concurrency`` plus ``pipeline.windows_waiting_for_cpu``, 12 by
 default) exist to overlap network waits. Decoding, normalising and writing a window is CPU
 work that holds tens of MB while it runs, and more of those running at once than there are
 CPUs adds memory without adding speed, so ``CPU_SLOTS`` bounds them.
