@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # W2 records and replays in this process; a line per request and window would bury the figures.
+    for name in ("httpx", "terralayr_etl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     selected = _parse_only(arguments.only)
     plan = QUICK if arguments.quick else FULL
     work_dir = arguments.work_dir or Path(tempfile.mkdtemp(prefix="terralayr-bench-"))
