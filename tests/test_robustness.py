@@ -368,7 +368,7 @@ def test_prefect_fetch_tasks_never_share_results(org: SmallOrg, prefect_harness,
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=4))
     def fetch_jobs(run_id: str) -> list:
-        return flows._fetch_all(run_id, jobs, org.settings.pipeline.windows_per_task)
+        return flows._fetch_all(run_id, jobs, org.settings.pipeline.windows_per_task, flows.fetch_threads(org.settings))
 
     with serve_small_org(org, scripted=True) as (server, scripted):
         settings = load_settings(org.config_dir / "terralayr.toml", base_url=server.base_url)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -41,6 +42,7 @@ from terralayr_etl.client import ApiClient
 from terralayr_etl.config import Credentials, load_settings
 from terralayr_etl.errors import MalformedResponseError
 from terralayr_etl.fetching import fetch_window
+from terralayr_etl import flows
 from terralayr_etl.flows import run_nightly
 from terralayr_etl.models import run_checks, run_models
 from terralayr_etl.normalise import normalise_datapoints
@@ -384,6 +386,42 @@ def test_waiting_windows_add_threads_not_requests(
     assert summary["status"] == "success"
     assert len(fetch_threads) == 6
     assert scripted.max_in_flight == 2
+
+
+def test_entrypoint_flow_caps_running_fetch_batches(
+    tmp_path_factory: pytest.TempPathFactory, prefect_harness, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment that starts the nightly flow from its entrypoint gets Prefect's default
+    thread pool, which has no limit. The flow still runs at most api.max_concurrency plus
+    pipeline.windows_waiting_for_cpu fetch batches at a time (here 2 + 1)."""
+    org = write_small_org(
+        tmp_path_factory.mktemp("entrypoint-config"),
+        api={"max_concurrency": 2},
+        pipeline={"windows_waiting_for_cpu": 1, "windows_per_task": 1},
+    )
+    lock = threading.Lock()
+    active = [0]
+    most = [0]
+    real_fetch_batch = flows.fetch_batch
+
+    def counting_fetch_batch(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return real_fetch_batch(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(flows, "fetch_batch", counting_fetch_batch)
+    with serve_small_org(org, latency_ms=50) as (server, _):
+        apply_env(monkeypatch, pipeline_env(org, server.base_url))
+        summary = flows.nightly(start="2024-10-26", end="2024-10-28", data_dir=str(tmp_path / "data"))
+
+    assert summary["status"] == "success"
+    assert summary["windows"] > 10
+    assert most[0] == 3
 
 
 def test_retry_after_waits_and_cap_is_reported(org: SmallOrg, prefect_harness, tmp_path, caplog) -> None:

@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 import uuid
+from collections import deque
 from concurrent.futures import wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
@@ -178,53 +179,85 @@ def model_and_check_task(
     return asdict(summary)
 
 
-def _fetch_all(run_id: str, jobs: list[FetchJob], windows_per_task: int) -> tuple[list[WindowResult], list[FailedWindow]]:
-    """Fetch every window in per-entity batches on the task runner's thread pool.
+def fetch_threads(settings: Settings) -> int:
+    """Return how many fetch batches run at once: one per request in flight
+    (``api.max_concurrency``) and one per window that may wait for a CPU
+    (``pipeline.windows_waiting_for_cpu``)."""
+    return settings.api.max_concurrency + settings.pipeline.windows_waiting_for_cpu
+
+
+def _fetch_all(
+    run_id: str, jobs: list[FetchJob], windows_per_task: int, threads: int
+) -> tuple[list[WindowResult], list[FailedWindow]]:
+    """Fetch every window in per-entity batches, at most ``threads`` batches at a time.
+
+    The flow submits the next batch when one ends, so the cap holds whatever thread pool runs
+    the flow: ``run_nightly`` sizes its own, but a deployment that starts the flow from its
+    entrypoint gets Prefect's default pool. Unless PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS
+    sets a limit, that pool has none and would start every batch at once, each holding its
+    responses while it waits for a CPU.
 
     Progress is logged about every tenth of the windows. Results come back sorted by window,
     not by completion time.
     """
     log = get_run_logger()
-    batches = plan_batches(jobs, windows_per_task)
-    # quote: Prefect would walk every job of every batch, twice per task run, looking for
-    # futures to wait for and upstream task runs to link. The jobs are new objects, so the
-    # walk finds neither.
-    futures = list(fetch_windows_task.map(run_id, [quote(batch) for batch in batches]))
+    waiting = deque(plan_batches(jobs, windows_per_task))
+    running: list[Any] = []
+    progress = _Progress(len(jobs), log)
     try:
-        return _collect(futures, len(jobs), log)
+        while waiting or running:
+            while waiting and len(running) < threads:
+                # quote: Prefect would walk every job of the batch, twice per task run, looking
+                # for futures to wait for and upstream task runs to link. The jobs are new
+                # objects, so the walk finds neither.
+                running.append(fetch_windows_task.submit(run_id, quote(waiting.popleft())))
+            finished = next(as_completed(running))
+            running.remove(finished)
+            progress.add(finished.result())
     except BaseException:
-        # Batches that have not started would otherwise run after the flow has ended (after
-        # Ctrl+C, for example), against a closed client. Running batches stop after their
-        # current window, before the client closes, so that their requests do not fail.
+        # Batches not yet submitted never start. Running batches stop after their current
+        # window, before the client closes, so that their requests do not fail (after Ctrl+C,
+        # for example).
+        waiting.clear()
         _runtime(run_id).stopping.set()
-        running = []
-        for future in futures:
+        unfinished = []
+        for future in running:
             wrapped = getattr(future, "wrapped_future", None)
             if wrapped is not None and not wrapped.cancel():
-                running.append(wrapped)
-        wait(running, timeout=STOP_WAIT_SECONDS)
+                unfinished.append(wrapped)
+        wait(unfinished, timeout=STOP_WAIT_SECONDS)
         raise
+    return progress.sorted()
 
 
-def _collect(futures: list[Any], window_count: int, log: Any) -> tuple[list[WindowResult], list[FailedWindow]]:
-    """Gather the outcomes of the fetch task runs as they finish, sorted by window, and log
-    progress about every tenth of the ``window_count`` windows."""
-    results: list[WindowResult] = []
-    failures: list[FailedWindow] = []
-    step = max(1, window_count // 10)
-    done = 0
-    for future in as_completed(futures):
-        for outcome in future.result():
+class _Progress:
+    """The outcomes of the fetch task runs so far, logged about every tenth of the windows."""
+
+    def __init__(self, window_count: int, log: Any):
+        self.results: list[WindowResult] = []
+        self.failures: list[FailedWindow] = []
+        self._window_count = window_count
+        self._step = max(1, window_count // 10)
+        self._done = 0
+        self._log = log
+
+    def add(self, outcomes: list[WindowResult | FailedWindow]) -> None:
+        for outcome in outcomes:
             if isinstance(outcome, FailedWindow):
-                failures.append(outcome)
+                self.failures.append(outcome)
             else:
-                results.append(outcome)
-            done += 1
-            if done % step == 0 or done == window_count:
-                log.info("Fetched %s of %s windows (%s failed)", f"{done:,}", f"{window_count:,}", f"{len(failures):,}")
-    results.sort(key=lambda result: _job_order(result.job))
-    failures.sort(key=lambda failure: _job_order(failure.job))
-    return results, failures
+                self.results.append(outcome)
+            self._done += 1
+            if self._done % self._step == 0 or self._done == self._window_count:
+                self._log.info(
+                    "Fetched %s of %s windows (%s failed)",
+                    f"{self._done:,}", f"{self._window_count:,}", f"{len(self.failures):,}",
+                )  # fmt: skip
+
+    def sorted(self) -> tuple[list[WindowResult], list[FailedWindow]]:
+        self.results.sort(key=lambda result: _job_order(result.job))
+        self.failures.sort(key=lambda failure: _job_order(failure.job))
+        return self.results, self.failures
 
 
 def _job_order(job: FetchJob) -> tuple:
@@ -362,7 +395,7 @@ def _nightly(
             # One background thread fsyncs and renames the files, so the fetch threads go on
             # with their next window. The block ends once every file is in place.
             with store.background_commits():
-                results, failures = _fetch_all(run_id, jobs, settings.pipeline.windows_per_task)
+                results, failures = _fetch_all(run_id, jobs, settings.pipeline.windows_per_task, fetch_threads(settings))
             boundary = resolve_outside_rows(results, store)
             store.sync_folders()
             # Not quoted: Prefect finds the discover and fetch task runs the load depends on
@@ -498,8 +531,7 @@ def run_nightly(
     """
     settings = settings or load_settings()
     start_temporary_server_outside_ctrl_c()
-    threads = settings.api.max_concurrency + settings.pipeline.windows_waiting_for_cpu
-    configured = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=threads))
+    configured = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=fetch_threads(settings)))
     return configured(
         start=start.isoformat() if start else None,
         end=end.isoformat() if end else None,
