@@ -353,11 +353,11 @@ def test_client_reads_large_bodies_in_large_socket_reads(
 ) -> None:
     """httpcore has no setting for its read size, so client.py sets the class attribute its
     HTTP/1.1 connections read. If httpcore stopped reading it, this test would see 64 KiB reads."""
-    asked: list[int] = []
+    requested_sizes: list[int] = []
     original_read = SyncStream.read
 
     def recording_read(stream: SyncStream, max_bytes: int, timeout: float | None = None) -> bytes:
-        asked.append(max_bytes)
+        requested_sizes.append(max_bytes)
         return original_read(stream, max_bytes, timeout)
 
     monkeypatch.setattr(SyncStream, "read", recording_read)
@@ -366,8 +366,8 @@ def test_client_reads_large_bodies_in_large_socket_reads(
     pages = client.fetch_datapoints("virtual_asset", VA_ID, "15min", start, start + timedelta(days=7), categories)
 
     assert sum(len(page.body) for page in pages) > 4 * 64 * 1024
-    assert asked
-    assert set(asked) == {SOCKET_READ_BYTES}
+    assert requested_sizes
+    assert set(requested_sizes) == {SOCKET_READ_BYTES}
 
 
 # Windows and cursors

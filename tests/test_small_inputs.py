@@ -382,9 +382,9 @@ def test_waiting_windows_add_threads_not_requests(
         with caplog.at_level(logging.INFO, logger="terralayr_etl.fetching"):
             summary = _run(org, server, tmp_path / "data", start=date(2024, 10, 26), end=date(2024, 10, 28))
 
-    fetch_threads = {record.threadName for record in caplog.records if record.name == "terralayr_etl.fetching"}
+    thread_names = {record.threadName for record in caplog.records if record.name == "terralayr_etl.fetching"}
     assert summary["status"] == "success"
-    assert len(fetch_threads) == 6
+    assert len(thread_names) == 6
     assert scripted.max_in_flight == 2
 
 
@@ -401,13 +401,13 @@ def test_entrypoint_flow_caps_running_fetch_batches(
     )
     lock = threading.Lock()
     active = [0]
-    most = [0]
+    max_active = [0]
     real_fetch_batch = flows.fetch_batch
 
     def counting_fetch_batch(*args, **kwargs):
         with lock:
             active[0] += 1
-            most[0] = max(most[0], active[0])
+            max_active[0] = max(max_active[0], active[0])
         try:
             return real_fetch_batch(*args, **kwargs)
         finally:
@@ -421,7 +421,7 @@ def test_entrypoint_flow_caps_running_fetch_batches(
 
     assert summary["status"] == "success"
     assert summary["windows"] > 10
-    assert most[0] == 3
+    assert max_active[0] == 3
 
 
 def test_retry_after_waits_and_cap_is_reported(org: SmallOrg, prefect_harness, tmp_path, caplog) -> None:

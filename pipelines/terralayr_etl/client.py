@@ -38,7 +38,7 @@ __all__ = ["REVENUE_PRODUCTS", "ApiClient", "FetchStats", "RawResponse", "plan_b
 logger = logging.getLogger("terralayr_etl.client")
 
 SOCKET_READ_BYTES = 1024 * 1024
-"""Bytes each read of a response asks the socket for, in place of httpcore's 64 KiB.
+"""Bytes each read of a response requests from the socket, in place of httpcore's 64 KiB.
 
 A response body of 1 to 2 MB took 16 to 32 reads, each through h11's Python code. Fetching the
 90-day benchmark's 726 windows (746 MB) from a sandbox on 127.0.0.1 used 1.75 CPU seconds in

@@ -191,7 +191,7 @@ def _fetch_all(
 ) -> tuple[list[WindowResult], list[FailedWindow]]:
     """Fetch every window in per-entity batches, at most ``threads`` batches at a time.
 
-    The flow submits the next batch when one ends, so the cap holds whatever thread pool runs
+    The flow submits the next batch when one ends, so the cap applies whatever thread pool runs
     the flow: ``run_nightly`` sizes its own, but a deployment that starts the flow from its
     entrypoint gets Prefect's default pool. Unless PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS
     sets a limit, that pool has none and would start every batch at once, each holding its

@@ -2,7 +2,7 @@
 
 The fetch threads (``api.max_concurrency`` plus ``pipeline.windows_waiting_for_cpu``, 12 by
 default) exist to overlap network waits. Decoding, normalising and writing a window is CPU
-work that holds tens of MB while it runs, and more of those running at once than there are
+work that uses tens of MB while it runs, and more of those running at once than there are
 CPUs adds memory without adding speed, so ``CPU_SLOTS`` bounds them.
 
 Importing this module also makes the system allocator pyarrow's pool for buffers that Python
