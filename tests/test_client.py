@@ -348,7 +348,7 @@ def test_client_bounds_requests_in_flight(fake: FakeApi) -> None:
     assert fake.max_in_flight == 2
 
 
-def test_client_reads_large_bodies_in_large_socket_reads(
+def test_client_reads_in_large_chunks(
     fake: FakeApi, client: ApiClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """httpcore has no setting for its read size, so client.py sets the class attribute its

@@ -370,7 +370,7 @@ def test_token_expiry_one_authentication_per_lifetime(
 def test_waiting_windows_add_threads_not_requests(
     tmp_path_factory: pytest.TempPathFactory, prefect_harness, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """pipeline.windows_waiting_for_cpu adds fetch threads that hold windows waiting for a CPU.
+    """pipeline.windows_waiting_for_cpu adds fetch threads for windows that wait for a CPU.
     With two requests allowed and four windows allowed to wait, six threads fetch, and the
     sandbox still never handles more than two requests at once."""
     org = write_small_org(

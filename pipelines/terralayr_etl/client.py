@@ -41,8 +41,8 @@ SOCKET_READ_BYTES = 1024 * 1024
 """Bytes each read of a response requests from the socket, in place of httpcore's 64 KiB.
 
 A response body of 1 to 2 MB took 16 to 32 reads, each through h11's Python code. Fetching the
-90-day benchmark's 726 windows (746 MB) from a sandbox on 127.0.0.1 used 1.75 CPU seconds in
-the client with 64 KiB reads and 1.15 with 1 MiB (docs/benchmarks.md). httpcore has no setting
+90-day benchmark's 726 windows (746 MB) from a sandbox on 127.0.0.1 used 1.63 to 1.75 CPU
+seconds in the client with 64 KiB reads and 1.14 to 1.17 with 1 MiB (docs/benchmarks.md). httpcore has no setting
 for it, so this sets the class attribute its HTTP/1.1 connections read, for every synchronous
 httpx client in the process. ``tests/test_client.py`` checks that httpcore still reads it.
 """

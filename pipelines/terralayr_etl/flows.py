@@ -227,7 +227,7 @@ def _fetch_all(
                 unfinished.append(wrapped)
         wait(unfinished, timeout=STOP_WAIT_SECONDS)
         raise
-    return progress.sorted()
+    return progress.by_window()
 
 
 class _Progress:
@@ -254,7 +254,8 @@ class _Progress:
                     f"{self._done:,}", f"{self._window_count:,}", f"{len(self.failures):,}",
                 )  # fmt: skip
 
-    def sorted(self) -> tuple[list[WindowResult], list[FailedWindow]]:
+    def by_window(self) -> tuple[list[WindowResult], list[FailedWindow]]:
+        """Return the results and the failures, each sorted by window."""
         self.results.sort(key=lambda result: _job_order(result.job))
         self.failures.sort(key=lambda failure: _job_order(failure.job))
         return self.results, self.failures
