@@ -1,7 +1,9 @@
 """No password or access token in anything a run writes, logs or sends to Prefect.
 
-The flow runs against the sandbox with tokens that expire after 0.3 s, so the client
+The flow runs against the sandbox with tokens that expire after 0.6 s, so the client
 authenticates several times, and with truncated responses, so the quarantine gets payloads.
+It sends one request at a time: with 30 ms of latency each, its 36 or so sandbox requests take
+more than a second, so the first token expires during the run however fast the machine is.
 The test searches for the password and for every access token the sandbox issued in: every
 file under the data dir, every log record of every logger at DEBUG level, the process's stdout
 and stderr, the runs table, and the Prefect flow runs' parameters and logs and all artifacts
@@ -88,7 +90,7 @@ def _prefect_texts() -> list[str]:
 
 
 def test_run_writes_no_password_or_token(tmp_path_factory: pytest.TempPathFactory, prefect_harness, tmp_path, capfd) -> None:
-    org = write_small_org(tmp_path_factory.mktemp("secrets-config"))
+    org = write_small_org(tmp_path_factory.mktemp("secrets-config"), api={"max_concurrency": 1})
     data_dir = tmp_path / "data"
     with serve_small_org(org, faults="expiry=0.6,truncate=0.2", latency_ms=30) as (server, _):
         monkeypatch = pytest.MonkeyPatch()
