@@ -303,9 +303,10 @@ class Warehouse:
         """
         incoming = self.connection.execute(INCOMING_LABELS, {"files": files}).fetchone() or ()
         types = dict(self._column_types("datapoints", "current_database()"))
+        enum_columns = {column for column in LABEL_COLUMNS if types[column].startswith("ENUM(")}
         widened: dict[str, tuple[set[str], set[str]]] = {}
         for column, values in zip(LABEL_COLUMNS, incoming, strict=True):
-            is_enum = types[column].startswith("ENUM(")
+            is_enum = column in enum_columns
             stored = set(self._stored_labels(column, is_enum=is_enum))
             needed = stored | set(values or ())
             if needed and not (is_enum and needed == stored):
@@ -313,12 +314,9 @@ class Warehouse:
         if not widened:
             return
 
-        has_varchar_labels = any(not types[column].startswith("ENUM(") for column in widened)
-        if has_varchar_labels and not self._has_rows("datapoints"):
-            label_types = {column: enum_type(sorted(needed)) for column, (needed, _) in widened.items()}
-            for column in LABEL_COLUMNS:
-                if column not in label_types and types[column].startswith("ENUM("):
-                    label_types[column] = types[column]
+        if not set(widened) <= enum_columns and not self._has_rows("datapoints"):
+            label_types = {column: types[column] for column in enum_columns}
+            label_types.update({column: enum_type(sorted(needed)) for column, (needed, _) in widened.items()})
             self.connection.execute(f"create or replace table datapoints {datapoints_columns_sql(label_types)}")
         else:
             for column, (needed, _) in widened.items():
