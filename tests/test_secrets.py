@@ -2,8 +2,9 @@
 
 The flow runs against the sandbox with tokens that expire after 0.6 s, so the client
 authenticates several times, and with truncated responses, so the quarantine gets payloads.
-It sends one request at a time: with 30 ms of latency each, its 36 or so sandbox requests take
-more than a second, so the first token expires during the run however fast the machine is.
+It sends one request at a time. With 30 ms of latency each, its 37 or 38 sandbox requests (five
+runs) take more than a second, so the first token expires during the run however fast the
+machine is.
 The test searches for the password and for every access token the sandbox issued in: every
 file under the data dir, every log record of every logger at DEBUG level, the process's stdout
 and stderr, the runs table, and the Prefect flow runs' parameters and logs and all artifacts
